@@ -1,0 +1,13 @@
+"""Test session setup: several fake CPU devices so sharding is exercised, and quiet TensorFlow.
+
+This must run before JAX initialises its backends, hence the environment variables at import time.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
+
+NUM_TEST_DEVICES = 4
