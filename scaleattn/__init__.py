@@ -1,0 +1,1 @@
+"""scaleattn: Attention to Scale (Chen et al., CVPR 2016) in JAX/Flax."""

@@ -1,0 +1,105 @@
+"""Base configuration: the paper's recipe (DeepLab-LargeFOV on VGG-16, attention over scales 1, 0.75, 0.5
+with extra supervision), which the dataset configs override.
+
+Every field a run needs lives here, so a run is reproducible from its config and seed.
+"""
+import ml_collections
+
+# DeepLab's Caffe mean (BGR 104.008, 116.669, 122.675) in our RGB order.
+MEAN_RGB = (122.675, 116.669, 104.008)
+
+# Caffe DeepLab learning-rate multipliers: fc8 and the attention head x10 (biases x20), other biases x2.
+# The first pattern that matches a parameter path (e.g. 'backbone/fc8/kernel') wins.
+PAPER_LR_MULTIPLIERS = (
+    (r"backbone/fc8/kernel", 10.0),
+    (r"backbone/fc8/bias", 20.0),
+    (r"fusion/.*/kernel", 10.0),
+    (r"fusion/.*/bias", 20.0),
+    (r".*/bias", 2.0),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init_from = ""  # a file written by `python -m scaleattn.convert`; ignored when resuming.
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="voc2012_aug",
+      data_dir=ml_collections.FieldReference(None, field_type=str),
+      manual_dir=ml_collections.FieldReference(None, field_type=str),
+      builder_config=ml_collections.FieldReference(None, field_type=str),
+      train_split="train_aug",
+      eval_split="val",
+      test_split=ml_collections.FieldReference(None, field_type=str),
+      num_classes=21,
+  ))
+
+  c.input = ml_collections.ConfigDict(dict(
+      crop_size=321,
+      eval_size=513,
+      mean_rgb=MEAN_RGB,
+      random_mirror=True,
+      random_scale=(1.0, 1.0),  # (0.5, 1.5) as in DeepLab v2, (0.6, 1.4) as in "Attention+".
+      worker_count=0,
+      prefetch=2,
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      num_classes=c.dataset.get_ref("num_classes"),
+      block_widths=(64, 128, 256, 512, 512),
+      block_depths=(2, 2, 3, 3, 3),
+      fc_width=1024,
+      fc6_dilation=12,
+      dropout_rate=0.5,
+      scales=(1.0, 0.75, 0.5),
+      fusion="attention",  # 'attention' | 'average' | 'max'
+      attention_hidden=512,
+      attention_dropout=0.5,
+      scale_execution="loop",  # 'loop' | 'vmap'
+      dtype="float32",  # 'float32' | 'bfloat16' (compute; parameters stay float32)
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      extra_supervision=True,
+      scale_weights=ml_collections.FieldReference(None, field_type=tuple),
+      per_scale_grid="output",  # 'output' (scale-1 grid) | 'native' (each scale's own grid)
+      ignore_label=255,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="sgd",  # 'sgd' (Caffe-style momentum) | 'adam'
+      learning_rate=1e-3,
+      momentum=0.9,
+      weight_decay=5e-4,  # kernels only, never biases
+      schedule="step",  # 'step' | 'poly' | 'cosine' | 'constant'
+      decay_every_steps=2000,
+      decay_factor=0.1,
+      warmup_steps=0,
+      lr_multipliers=PAPER_LR_MULTIPLIERS,
+      grad_clip_norm=0.0,  # 0 = off
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=30,
+      num_steps=6000,
+      log_every_steps=20,
+      eval_every_steps=2000,
+      checkpoint_every_steps=500,
+      keep_checkpoints=2,
+      keep_best=1,
+      on_nonfinite="raise",  # 'raise' | 'skip' (skip the step's update and count it)
+      profile_steps=0,  # 0 = no profiler trace
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=8,
+      flip=False,
+      num_examples=4,  # validation images written with their weight maps at the end of training.
+      # Edges (pixels) of the object-size bins for the attention-by-size statistics (datasets with
+      # per-pixel instance sizes only).
+      size_bins=(16, 32, 64, 128),
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device on the data axis.
+  return c

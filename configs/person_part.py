@@ -1,0 +1,17 @@
+"""PASCAL-Person-Part (7 classes), the paper's recipe as for VOC.
+
+  python -m scaleattn.main --config=configs/person_part.py --workdir=/path/to/workdir \
+      --config.dataset.manual_dir=/path/to/downloads --config.init_from=vgg16_largefov.npz
+"""
+import ml_collections
+
+from configs import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = base.get_config()
+  c.dataset.name = "pascal_person_part"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "val"
+  c.dataset.num_classes = 7
+  return c

@@ -1,0 +1,52 @@
+"""Command line: `python -m scaleattn.main --config=configs/shapes.py --workdir=/tmp/run [--mode=train|eval|predict]`.
+
+Flags and start-up only; the work is done by importable functions (`train.train_and_evaluate` and friends).
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only datasets and event files.
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from scaleattn import distributed
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:smoke.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the resolved config and outputs.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
+flags.DEFINE_list("inputs", [], "predict: image files or folders.")
+flags.DEFINE_string("output_dir", "", "predict: where to write the outputs (default WORKDIR/predictions).")
+flags.DEFINE_string("exported", "", "eval/predict: a model exported by scaleattn.export instead of a checkpoint.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0.")
+flags.DEFINE_integer("num_processes", 0, "Multi-process runs: number of processes.")
+flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's index.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
+  tf.config.set_visible_devices([], "GPU")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+  from scaleattn import export, predict, train  # noqa: PLC0415 - after the runtime is initialised.
+  config, params = FLAGS.config, None
+  if FLAGS.exported:
+    params, config = export.load_exported(FLAGS.exported)
+  if config is None:
+    raise app.UsageError("--config is required unless --exported gives a model with its config.")
+  if FLAGS.mode == "train":
+    result = train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    result = train.evaluate(config, FLAGS.workdir, params=params)
+  else:
+    out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
+    result = predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir, params=params)
+  logging.info("Done: %s", result)
+
+
+if __name__ == "__main__":
+  app.run(main)

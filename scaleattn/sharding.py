@@ -1,0 +1,38 @@
+"""Device mesh and shardings: data parallelism over a 'data' axis, parameters replicated.
+
+Every process passes its local rows of the global batch; `global_batch` assembles them into one global array
+sharded over the mesh, so the same code runs on one CPU, a GPU cluster or a TPU pod.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh over `cfg.data` devices (-1: all of them)."""
+  n = jax.device_count() if cfg.data == -1 else cfg.data
+  if n < 1 or n > jax.device_count():
+    raise ValueError(f"config.mesh.data={cfg.data}: expected -1 or 1..{jax.device_count()} (devices available)")
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows of every array -> global arrays sharded along the batch axis."""
+  sharding = data_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items() if np.asarray(v).dtype.kind in "biuf"}
