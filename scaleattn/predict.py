@@ -18,8 +18,8 @@ from absl import logging
 from PIL import Image
 
 from scaleattn import checkpointing, visualize
-from scaleattn.state import Setup, build, predict_scores
 from scaleattn.models import resize
+from scaleattn.state import Setup, build, predict_scores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 

@@ -198,41 +198,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   skipped = 0
   batches = data.train_batches(start)
   tick, tick_step = time.perf_counter(), start
-  with metric_writers.ensure_flushes(writer), _Preemption() as preemption:
-    for step in range(start, num_steps):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, m = p_train(state, sharding.global_batch(setup.mesh, next(batches)), dropout_rng)
-      acc = m if acc is None else acc.merge(m)
-      done = step + 1
-      for hook in hooks:
-        hook(done)
-      if float(m.nonfinite_steps.compute()):  # one scalar per step: the update was withheld.
-        if config.train.on_nonfinite == "raise":
-          raise_nonfinite(step, {k: float(v) for k, v in m.compute().items()})
-        skipped += 1
-        logging.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).", step, skipped)
-      if done % config.train.log_every_steps == 0 or done == num_steps:
-        scalars = {k: float(v) for k, v in acc.compute().items()}
-        elapsed = time.perf_counter() - tick
-        scalars["images_per_s"] = (done - tick_step) * config.train.batch_size / elapsed
-        scalars["step_time_s"] = elapsed / (done - tick_step)
-        scalars["skipped_steps"] = skipped
-        writer.write_scalars(done, scalars)
-        acc, tick, tick_step = None, time.perf_counter(), done
-      eval_now = done % config.train.eval_every_steps == 0 or done == num_steps
-      if eval_now:
-        eval_result = evaluate_split(p_eval, state.params, setup, data.eval_batches(config.dataset.eval_split),
-                                     data.num_eval_batches(config.dataset.eval_split), data.class_names)
-        writer.write_scalars(done, {f"{config.dataset.eval_split}/{k}": v for k, v in eval_result.items()
-                                    if np.isscalar(v)})
-      preempted = preemption.requested or ckpts.reached_preemption(done)
-      ckpts.save(done, state, metrics={checkpointing.BEST_METRIC: eval_result["miou"]} if eval_now else None,
-                 force=eval_now or preempted)
-      if preempted:
-        logging.warning("Preempted: checkpoint at step %d written; exiting.", done)
-        break
-  ckpts.wait_until_finished()
-  ckpts.close()
+  try:
+    with metric_writers.ensure_flushes(writer), _Preemption() as preemption:
+      for step in range(start, num_steps):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, m = p_train(state, sharding.global_batch(setup.mesh, next(batches)), dropout_rng)
+        acc = m if acc is None else acc.merge(m)
+        done = step + 1
+        for hook in hooks:
+          hook(done)
+        if float(m.nonfinite_steps.compute()):  # one scalar per step: the update was withheld.
+          if config.train.on_nonfinite == "raise":
+            raise_nonfinite(step, {k: float(v) for k, v in m.compute().items()})
+          skipped += 1
+          logging.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).", step, skipped)
+        if done % config.train.log_every_steps == 0 or done == num_steps:
+          scalars = {k: float(v) for k, v in acc.compute().items()}
+          elapsed = time.perf_counter() - tick
+          scalars["images_per_s"] = (done - tick_step) * config.train.batch_size / elapsed
+          scalars["step_time_s"] = elapsed / (done - tick_step)
+          scalars["skipped_steps"] = skipped
+          writer.write_scalars(done, scalars)
+          acc, tick, tick_step = None, time.perf_counter(), done
+        eval_now = done % config.train.eval_every_steps == 0 or done == num_steps
+        if eval_now:
+          eval_result = evaluate_split(p_eval, state.params, setup, data.eval_batches(config.dataset.eval_split),
+                                       data.num_eval_batches(config.dataset.eval_split), data.class_names)
+          writer.write_scalars(done, {f"{config.dataset.eval_split}/{k}": v for k, v in eval_result.items()
+                                      if np.isscalar(v)})
+        preempted = preemption.requested or ckpts.reached_preemption(done)
+        ckpts.save(done, state, metrics={checkpointing.BEST_METRIC: eval_result["miou"]} if eval_now else None,
+                   force=eval_now or preempted)
+        if preempted:
+          logging.warning("Preempted: checkpoint at step %d written; exiting.", done)
+          break
+  finally:  # an async save in flight completes whatever ends the loop
+    ckpts.wait_until_finished()
+    ckpts.close()
   if is_main and config.eval.num_examples and int(state.step) == num_steps:
     batch = next(iter(data.eval_batches(config.dataset.eval_split)))
     predict.save_eval_examples(setup, jax.device_get(state.params), batch, os.path.join(workdir, "examples"),

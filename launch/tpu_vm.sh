@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM or pod slice: create it, install scaleattn on every worker, run on all workers at once
+# (JAX finds the other workers by itself), then copy the workdir of worker 0 back.
+#
+#   ZONE=us-central2-b TPU_NAME=scaleattn ACCELERATOR=v4-32 \
+#     launch/tpu_vm.sh configs/voc.py gs://my-bucket/runs/voc "--config.dataset.data_dir=gs://my-bucket/tfds"
+#
+# Use a gs:// workdir on pod slices: every worker must see the same checkpoint directory.
+set -euo pipefail
+
+CONFIG=${1:?usage: tpu_vm.sh CONFIG WORKDIR [EXTRA_FLAGS]}
+WORKDIR=${2:?usage: tpu_vm.sh CONFIG WORKDIR [EXTRA_FLAGS]}
+EXTRA=${3:-}
+ZONE=${ZONE:?set ZONE}
+TPU_NAME=${TPU_NAME:-scaleattn}
+ACCELERATOR=${ACCELERATOR:-v4-8}
+RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
+REPO=${REPO:-https://github.com/scaleattn/scaleattn.git}
+LOCAL_RESULTS=${LOCAL_RESULTS:-results/${TPU_NAME}}
+
+tpu() { gcloud compute tpus tpu-vm "$@" --zone="${ZONE}"; }
+
+if ! tpu describe "${TPU_NAME}" >/dev/null 2>&1; then
+  tpu create "${TPU_NAME}" --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}"
+fi
+
+tpu ssh "${TPU_NAME}" --worker=all --command "
+  set -e
+  [ -d scaleattn ] || git clone ${REPO} scaleattn
+  cd scaleattn && git pull --ff-only
+  python3 -m venv .venv && . .venv/bin/activate
+  pip install -q -c constraints.txt -e '.[tpu]'
+"
+
+tpu ssh "${TPU_NAME}" --worker=all --command "
+  cd scaleattn && . .venv/bin/activate
+  python -m scaleattn.main --config=${CONFIG} --workdir=${WORKDIR} ${EXTRA}
+"
+
+mkdir -p "${LOCAL_RESULTS}"
+case "${WORKDIR}" in
+  gs://*) gsutil -m cp -r "${WORKDIR}" "${LOCAL_RESULTS}/" ;;
+  *) tpu scp --worker=0 --recurse "${TPU_NAME}:${WORKDIR}" "${LOCAL_RESULTS}/" ;;
+esac
+echo "Results in ${LOCAL_RESULTS}. Delete the TPU with: gcloud compute tpus tpu-vm delete ${TPU_NAME} --zone=${ZONE}"

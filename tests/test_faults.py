@@ -1,0 +1,160 @@
+"""Fault injection on the smoke run: kill -9 at random moments, SIGTERM, a NaN batch, a broken checkpoint.
+
+Each case asserts what was kept: the run always finishes with exactly the parameters of an uninterrupted run.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes
+from scaleattn import checkpointing, input_pipeline, train
+from scaleattn.state import build
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _config(data_dir, **overrides):
+  config = shapes.get_config("smoke")
+  config.dataset.data_dir = data_dir
+  config.train.num_steps = STEPS
+  config.train.checkpoint_every_steps = 2
+  config.train.eval_every_steps = 100
+  config.train.keep_checkpoints = 3
+  config.eval.num_examples = 0
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  return config
+
+
+def _command(data_dir, workdir):
+  return [sys.executable, "-m", "scaleattn.main", f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke",
+          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
+          "--config.train.checkpoint_every_steps=2", "--config.train.eval_every_steps=100",
+          "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0"]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=REPO)
+
+
+def _params(workdir, config, step=STEPS):
+  setup = build(config)
+  state = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), config.train).restore(
+      setup.abstract_state, step=step)
+  return jax.device_get(state.params)
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _saved_steps(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  """The uninterrupted run's final parameters."""
+  config = _config(data_dir)
+  input_pipeline.create_datasets(config)  # prepare the data before subprocesses read it
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  train.train_and_evaluate(config, workdir)
+  return _params(workdir, config)
+
+
+def test_kill9_and_sigterm_lose_nothing(data_dir, reference, tmp_path):
+  """Three kill -9 at random moments, then a SIGTERM, then a clean finish: identical final parameters."""
+  rng = random.Random(0)
+  workdir = str(tmp_path / "run")
+  kills = 0
+  for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
+    before = _saved_steps(workdir)
+    proc = subprocess.Popen(_command(data_dir, workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    # Wait until this attempt has made progress (a new checkpoint), then strike at a random moment.
+    deadline = time.time() + 240
+    while _saved_steps(workdir) == before and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    time.sleep(rng.uniform(0.0, 1.5))
+    if proc.poll() is None:
+      proc.send_signal(sig)
+      kills += 1
+    _, err = proc.communicate(timeout=240)
+    if sig == signal.SIGTERM and kills == 4:
+      assert proc.returncode == 0, err[-3000:]
+      assert "SIGTERM received" in err
+  assert kills >= 3
+  result = subprocess.run(_command(data_dir, workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _assert_same(_params(workdir, _config(data_dir)), reference)
+
+
+def test_broken_latest_checkpoint_falls_back(data_dir, reference, tmp_path):
+  config = _config(data_dir, **{"train.num_steps": 6})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6")):
+    for f in files:
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(max(0, os.path.getsize(fh.name) // 2))
+  train.train_and_evaluate(_config(data_dir), workdir)  # restores step 4, redoes 5..12
+  _assert_same(_params(workdir, _config(data_dir)), reference)
+
+
+class _NaNAt:
+  """Wraps a Datasets object so that the training batch of one step carries a NaN."""
+
+  def __init__(self, data, step):
+    self._data, self._step = data, step
+
+  def __getattr__(self, name):
+    return getattr(self._data, name)
+
+  def train_batches(self, start_step):
+    for step, batch in enumerate(self._data.train_batches(start_step), start_step):
+      if step == self._step:
+        batch = dict(batch, image=np.where(np.arange(batch["image"].size).reshape(batch["image"].shape) == 7,
+                                           np.nan, batch["image"]).astype(np.float32))
+      yield batch
+
+
+def _inject_nan(monkeypatch, step):
+  create = input_pipeline.create_datasets
+  monkeypatch.setattr(input_pipeline, "create_datasets", lambda *a, **k: _NaNAt(create(*a, **k), step))
+
+
+def test_nan_batch_raises_naming_step_and_keeps_checkpoint(data_dir, monkeypatch, tmp_path):
+  _inject_nan(monkeypatch, step=5)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.NonFiniteError, match=r"step 5: .*loss/fused"):
+    train.train_and_evaluate(_config(data_dir), workdir)
+  assert _saved_steps(workdir)[-1] == 4
+  monkeypatch.undo()
+
+
+def test_nan_batch_skipped_when_configured(data_dir, monkeypatch, tmp_path):
+  _inject_nan(monkeypatch, step=4)  # the 5th step (0-based 4) gets the NaN
+  workdir = str(tmp_path / "run")
+  config = _config(data_dir, **{"train.on_nonfinite": "skip", "train.num_steps": 5,
+                                "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 10})
+  train.train_and_evaluate(config, workdir)
+  after_4, after_5 = _params(workdir, config, step=4), _params(workdir, config, step=5)
+  _assert_same(after_4, after_5)  # the bad step changed nothing
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_5))
