@@ -1,0 +1,178 @@
+"""Segmentation metrics: a mergeable confusion matrix (mIoU, per-class IoU, pixel accuracy) and per-object-size
+attention statistics.
+
+Everything accumulated on device is a sum of integer or float arrays, so partial results merge by addition across
+batches, devices and hosts; the final ratios are taken once, on the host, in float64.
+"""
+import functools
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+
+
+def _check_num_classes(num_classes: Any) -> int:
+  if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
+    raise ValueError(f"metrics: num_classes must be a positive int, got {num_classes!r}")
+  return int(num_classes)
+
+
+@functools.partial(jax.jit, static_argnames="num_classes")
+def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int, mask: jax.Array | None = None) -> jax.Array:
+  """int32 [C, C] pixel counts, rows = ground truth, columns = prediction.
+
+  Pixels whose label lies outside 0..C-1 (255 = void), whose prediction lies outside 0..C-1, or where `mask` is
+  False are not counted. A bincount of `label * C + pred` (a scatter-add): on CPU it measured ~5x (C=5,
+  8x161x161) to ~30x (C=21, 4x513x513) faster than one-hot matmuls. Counts are int32: one cell overflows past 2**31 pixels.
+  """
+  c = _check_num_classes(num_classes)
+  if pred.shape != label.shape:
+    raise ValueError(f"confusion_matrix: pred shape {pred.shape} != label shape {label.shape}")
+  if mask is not None and mask.shape != label.shape:
+    raise ValueError(f"confusion_matrix: mask shape {mask.shape} != label shape {label.shape}")
+  pred, label = pred.astype(jnp.int32), label.astype(jnp.int32)  # uint8 labels would overflow label * C.
+  valid = (label >= 0) & (label < c) & (pred >= 0) & (pred < c)
+  if mask is not None:
+    valid &= mask.astype(bool)
+  index = jnp.where(valid, label * c + pred, 0).ravel()
+  counts = jnp.bincount(index, weights=valid.ravel().astype(jnp.int32), length=c * c)
+  return counts.reshape(c, c)
+
+
+def compute_iou(matrix: Any) -> dict[str, Any]:
+  """{'miou', 'pixel_accuracy', 'iou' (float64 [C])} from a confusion matrix (rows = ground truth).
+
+  IoU_c = TP / (GT_c + Pred_c - TP): NaN for a class neither present nor predicted (left out of the mean), 0 for a
+  class predicted but absent from the ground truth. mIoU and pixel accuracy are NaN when nothing was counted.
+  """
+  m = np.asarray(matrix, np.float64)
+  if m.ndim != 2 or m.shape[0] != m.shape[1]:
+    raise ValueError(f"compute_iou: expected a square [C, C] confusion matrix, got shape {m.shape} (a matrix "
+                     "still stacked over devices must be summed or reduced first)")
+  tp = np.diag(m)
+  union = m.sum(0) + m.sum(1) - tp
+  iou = np.full(len(tp), np.nan)
+  np.divide(tp, union, out=iou, where=union > 0)
+  total = m.sum()
+  return {"miou": float(iou[union > 0].mean()) if (union > 0).any() else float("nan"),
+          "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+          "iou": iou}
+
+
+def summarize(result: dict[str, Any], class_names: Sequence[str]) -> dict[str, float]:
+  """Scalars for metric writers: 'miou', 'pixel_accuracy' and 'iou/<class name>'."""
+  iou = np.asarray(result["iou"])
+  if len(class_names) != len(iou):
+    raise ValueError(f"summarize: {len(class_names)} class names for {len(iou)} IoU values")
+  out = {"miou": float(result["miou"]), "pixel_accuracy": float(result["pixel_accuracy"])}
+  out.update({f"iou/{name}": float(v) for name, v in zip(class_names, iou, strict=True)})
+  return out
+
+
+@flax.struct.dataclass
+class ConfusionMatrix(clu_metrics.Metric):
+  """clu Metric holding a confusion matrix; `merge` sums; `compute()` gives `compute_iou`'s dict.
+
+  The class count is static, so it lives on the class: inside a clu Collection (whose `empty()` and
+  `from_model_output(**outputs)` pass no extra arguments) use `ConfusionMatrix.with_classes(C)`, e.g.
+  `Collection.create(confusion=ConfusionMatrix.with_classes(21))` fed with model outputs `pred`, `label` and
+  optionally `mask`. Standalone, `ConfusionMatrix.empty(C)` and `from_model_output(..., num_classes=C)` also work.
+  Stacked over a device axis (e.g. after `jax.lax.all_gather`), `.reduce()` sums the stack.
+  """
+
+  matrix: jax.Array
+  num_classes: ClassVar[int | None] = None
+
+  @classmethod
+  @functools.cache
+  def with_classes(cls, num_classes: int) -> type["ConfusionMatrix"]:
+    """A subclass with the class count fixed (cached: one class, hence one pytree type, per count)."""
+    c = _check_num_classes(num_classes)
+    return flax.struct.dataclass(type(f"ConfusionMatrix{c}", (cls,), {"num_classes": c}))
+
+  @classmethod
+  def _resolve(cls, num_classes: int | None) -> int:
+    if num_classes is None:
+      if cls.num_classes is None:
+        raise ValueError("ConfusionMatrix: pass num_classes=... or use ConfusionMatrix.with_classes(C)")
+      return cls.num_classes
+    if cls.num_classes is not None and num_classes != cls.num_classes:
+      raise ValueError(f"ConfusionMatrix: num_classes={num_classes} but this class counts {cls.num_classes}")
+    return _check_num_classes(num_classes)
+
+  @classmethod
+  def empty(cls, num_classes: int | None = None) -> "ConfusionMatrix":
+    c = cls._resolve(num_classes)
+    return cls(matrix=jnp.zeros((c, c), jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, pred: jax.Array, label: jax.Array, mask: jax.Array | None = None, *,
+                        num_classes: int | None = None, **_) -> "ConfusionMatrix":
+    return cls(matrix=confusion_matrix(pred, label, cls._resolve(num_classes), mask=mask))
+
+  def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    if self.matrix.shape != other.matrix.shape:
+      raise ValueError(f"ConfusionMatrix.merge: shapes {self.matrix.shape} and {other.matrix.shape} differ")
+    return type(self)(matrix=self.matrix + other.matrix)
+
+  def compute(self) -> dict[str, Any]:
+    return compute_iou(jax.device_get(self.matrix))
+
+
+def _check_bins(bins: Sequence[float]) -> tuple[float, ...]:
+  edges = tuple(float(b) for b in bins)
+  if not edges or edges[0] <= 0 or any(a >= b for a, b in zip(edges, edges[1:], strict=False)):
+    raise ValueError(f"size bins must be positive and strictly increasing edges, got {tuple(bins)!r}")
+  return edges
+
+
+def size_bin_names(bins: Sequence[float]) -> tuple[str, ...]:
+  """Names of the len(bins) + 2 bins of `attention_by_size`: 'background', 'size_0-16', ..., 'size_128+'."""
+  edges = _check_bins(bins)
+  lows = (0.0,) + edges
+  return ("background",) + tuple(f"size_{lo:g}-{hi:g}" for lo, hi in zip(lows, edges, strict=False)) + (
+      f"size_{edges[-1]:g}+",)
+
+
+@functools.partial(jax.jit, static_argnames="bins")
+def attention_by_size(weights: jax.Array, instance_size: jax.Array,
+                      bins: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
+  """Fusion weights summed per object-size bin: (float32 [len(bins)+2, S], pixel counts int32 [len(bins)+2]).
+
+  Bin 0 is background (size 0); bin 1 + i holds sizes in [edge_{i-1}, edge_i) (edge_{-1} = 0, exclusive), the last
+  sizes >= bins[-1]. Pixels with a negative size (padding) are not counted. Both outputs merge by addition.
+  """
+  edges = _check_bins(bins)
+  if weights.ndim != instance_size.ndim + 1 or weights.shape[:-1] != instance_size.shape:
+    raise ValueError(f"attention_by_size: weights {weights.shape} must be instance_size {instance_size.shape} + [S]")
+  size = instance_size.astype(jnp.float32).ravel()
+  valid = size >= 0
+  index = jnp.where(size > 0, 1 + jnp.sum(size[:, None] >= jnp.asarray(edges, jnp.float32), axis=-1), 0)
+  index = jnp.where(valid, index, 0)
+  num_bins = len(edges) + 2
+  w = jnp.where(valid[:, None], weights.reshape(size.shape[0], -1).astype(jnp.float32), 0.0)
+  weight_sum = jax.ops.segment_sum(w, index, num_segments=num_bins)
+  count = jnp.bincount(index, weights=valid.astype(jnp.int32), length=num_bins)
+  return weight_sum, count
+
+
+def summarize_attention(weight_sum: Any, pixel_count: Any, scales: Sequence[float],
+                        bins: Sequence[float]) -> dict[str, float]:
+  """Scalars 'attention/<bin>/scale_<s>' (mean weight of scale s in the bin; NaN for an empty bin) and
+  'attention/<bin>/pixels' (pixels counted), from `attention_by_size` totals."""
+  names = size_bin_names(bins)
+  weight_sum, pixel_count = np.asarray(weight_sum, np.float64), np.asarray(pixel_count, np.float64)
+  if weight_sum.shape != (len(names), len(scales)) or pixel_count.shape != (len(names),):
+    raise ValueError(f"summarize_attention: expected weight_sum [{len(names)}, {len(scales)}] and pixel_count "
+                     f"[{len(names)}] for bins {tuple(bins)} and scales {tuple(scales)}, got {weight_sum.shape} "
+                     f"and {pixel_count.shape}")
+  out = {}
+  for name, sums, count in zip(names, weight_sum, pixel_count, strict=True):
+    out[f"attention/{name}/pixels"] = float(count)
+    for s, total in zip(scales, sums, strict=True):
+      out[f"attention/{name}/scale_{s:g}"] = float(total / count) if count else float("nan")
+  return out

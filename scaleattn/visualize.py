@@ -1,0 +1,149 @@
+"""Pictures of predictions: VOC-palette label maps, per-scale weight heat maps and a panel like the paper's figure
+(image | weight map per scale | prediction). NumPy, Pillow and matplotlib only, so it runs on any host.
+
+Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: they render with Agg whatever
+backend the process uses, hold no global state, and a notebook still shows a returned figure."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from PIL import Image
+
+HEATMAP_CMAP = "jet"  # as in the paper's weight-map figures
+
+
+def voc_palette() -> np.ndarray:
+  """uint8 [256, 3]: the PASCAL VOC colour map (bits of the index interleaved into R, G, B from the top bit)."""
+  index = np.arange(256)
+  palette = np.zeros((256, 3), np.int64)
+  for shift in range(8):
+    for channel in range(3):
+      palette[:, channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+  return palette.astype(np.uint8)
+
+
+def _check_label(label: np.ndarray, what: str) -> np.ndarray:
+  label = np.asarray(label)
+  if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer):
+    raise ValueError(f"{what}: expected an integer label map [H, W], got {label.dtype} {label.shape}")
+  if label.size and (label.min() < 0 or label.max() > 255):
+    raise ValueError(f"{what}: label values must lie in 0..255, got {label.min()}..{label.max()}")
+  return label.astype(np.uint8)
+
+
+def colorize(label: np.ndarray) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of a label map in the VOC palette (255 = void in cream)."""
+  return voc_palette()[_check_label(label, "colorize")]
+
+
+def save_label_png(path: str, label: np.ndarray) -> None:
+  """Indexed ('P' mode) PNG with the VOC palette: it shows in colour and reads back as the class indices."""
+  image = Image.fromarray(_check_label(label, "save_label_png"))
+  image.putpalette(voc_palette().tobytes())
+  image.save(path)
+
+
+def heatmap(weights: np.ndarray) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of weights [H, W] through the jet colour map over the fixed range 0..1 (values clipped)."""
+  weights = np.asarray(weights, np.float64)
+  if weights.ndim != 2:
+    raise ValueError(f"heatmap: expected weights [H, W], got shape {weights.shape}")
+  rgba = matplotlib.colormaps[HEATMAP_CMAP](np.clip(weights, 0.0, 1.0))
+  return np.round(rgba[..., :3] * 255).astype(np.uint8)
+
+
+def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
+  """[n_out, n_in] linear interpolation weights sampling n_in points at align-corners positions."""
+  pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
+  lo = np.minimum(np.floor(pos).astype(int), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), lo), 1 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m
+
+
+def resize_weights(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear, align-corners resize of weights [h, w, S] (the score-map grid) to size (H, W)."""
+  weights = np.asarray(weights, np.float64)
+  if weights.ndim != 3:
+    raise ValueError(f"resize_weights: expected weights [h, w, S], got shape {weights.shape}")
+  if weights.shape[:2] == tuple(size):
+    return weights
+  rows, cols = _align_corners_matrix(size[0], weights.shape[0]), _align_corners_matrix(size[1], weights.shape[1])
+  return np.einsum("Hh,hws,Ww->HWs", rows, weights, cols)
+
+
+def _check_panel_inputs(image: np.ndarray, weights: np.ndarray, prediction: np.ndarray,
+                        scales: Sequence[float]) -> None:
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+  if prediction.shape != image.shape[:2]:
+    raise ValueError(f"prediction shape {prediction.shape} != image size {image.shape[:2]}")
+  if weights.ndim != 3 or weights.shape[-1] != len(scales):
+    raise ValueError(f"weights shape {weights.shape} must be [h, w, S] with S = {len(scales)} scales {tuple(scales)}")
+
+
+def attention_panel(image: np.ndarray, weights: np.ndarray, prediction: np.ndarray, scales: Sequence[float],
+                    class_names: Sequence[str] | None = None, path: str | None = None) -> Figure:
+  """One row: image | weight map per scale ('scale 1', 'scale 0.75', ...) | prediction; saved to `path` if given.
+
+  Weights may be on the score-map grid: they are upsampled to the image size. With `class_names`, a legend names
+  the classes in the prediction.
+  """
+  image, weights, prediction = np.asarray(image), np.asarray(weights), np.asarray(prediction)
+  _check_panel_inputs(image, weights, prediction, scales)
+  weights = resize_weights(weights, image.shape[:2])
+  columns = [("image", image, {})]
+  columns += [(f"scale {s:g}", weights[..., i], dict(cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0))
+              for i, s in enumerate(scales)]
+  columns.append(("prediction", colorize(prediction), {}))
+  fig = Figure(figsize=(2.6 * len(columns), 2.6 * image.shape[0] / image.shape[1] + 0.9), layout="constrained")
+  for ax, (title, picture, style) in zip(fig.subplots(1, len(columns), squeeze=False)[0], columns, strict=True):
+    ax.imshow(picture, interpolation="nearest", **style)
+    ax.set_title(title)
+    ax.set_axis_off()
+  if class_names is not None:
+    palette = voc_palette() / 255.0
+    present = [c for c in np.unique(prediction) if c < len(class_names)]
+    fig.legend(handles=[Patch(color=palette[c], label=class_names[c]) for c in present],
+               loc="outside lower center", ncol=max(1, min(len(present), 6)), fontsize="small", frameon=False)
+  if path is not None:
+    fig.savefig(path, dpi=100)
+  return fig
+
+
+def save_prediction(out_dir: str, name: str, image: np.ndarray, prediction: np.ndarray,
+                    weights: np.ndarray | None = None, scales: Sequence[float] | None = None,
+                    class_names: Sequence[str] | None = None) -> list[str]:
+  """Writes `{name}_seg.png` (palette PNG of the class indices), `{name}_seg_color.png` and, given fusion weights
+  [h, w, S] (any grid; upsampled to the image), `{name}_weights_s{scale:g}.png` per scale and `{name}_panel.png`.
+  Returns the paths written."""
+  image, prediction = np.asarray(image), np.asarray(prediction)
+  if weights is not None:
+    if scales is None:
+      raise ValueError(f"save_prediction({name!r}): weights given without their scales")
+    weights = np.asarray(weights)
+    _check_panel_inputs(image, weights, prediction, scales)
+    weights = resize_weights(weights, image.shape[:2])
+  elif prediction.shape != image.shape[:2]:
+    raise ValueError(f"save_prediction({name!r}): prediction shape {prediction.shape} != image size "
+                     f"{image.shape[:2]}")
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, name)
+  paths = [f"{stem}_seg.png", f"{stem}_seg_color.png"]
+  save_label_png(paths[0], prediction)
+  Image.fromarray(colorize(prediction)).save(paths[1])
+  if weights is not None:
+    for i, s in enumerate(scales):
+      paths.append(f"{stem}_weights_s{s:g}.png")
+      Image.fromarray(heatmap(weights[..., i])).save(paths[-1])
+    paths.append(f"{stem}_panel.png")
+    attention_panel(image, weights, prediction, scales, class_names=class_names, path=paths[-1])
+  return paths
