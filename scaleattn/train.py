@@ -53,7 +53,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   def loss_fn(params):
     out = setup.model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-    return losses.multiscale_loss(out, batch["label"], setup.config.loss)
+    return losses.multiscale_loss(out, batch["label"], setup.config.loss, tuple(setup.config.model.scales))
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
