@@ -16,6 +16,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources>=6.0",  # needed by TFDS builders defined outside TFDS
         "tensorflow-cpu>=2.21.0",  # TFDS builders and clu's TensorBoard writer; JAX does all the compute.
         "tensorboard>=2.21.0",
         "array_record>=0.8.6",

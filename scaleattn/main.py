@@ -32,9 +32,10 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
-  from scaleattn import export, predict, train  # noqa: PLC0415 - after the runtime is initialised.
+  from scaleattn import predict, train  # noqa: PLC0415 - after the runtime is initialised.
   config, params = FLAGS.config, None
   if FLAGS.exported:
+    from scaleattn import export  # noqa: PLC0415
     params, config = export.load_exported(FLAGS.exported)
   if config is None:
     raise app.UsageError("--config is required unless --exported gives a model with its config.")

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -21,7 +21,8 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
   n = jax.device_count() if cfg.data == -1 else cfg.data
   if n < 1 or n > jax.device_count():
     raise ValueError(f"config.mesh.data={cfg.data}: expected -1 or 1..{jax.device_count()} (devices available)")
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n])
+  # Auto axes: XLA propagates shardings from the explicit in/out shardings of the jitted steps.
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n], axis_types=(AxisType.Auto,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -27,14 +27,25 @@ from scaleattn.models import resize
 from scaleattn.state import Setup, TrainState, build, predict_scores
 
 
+def _field(term: str) -> str:
+  """The Collection field of a loss term ('scale_0.5' -> 'loss_scale_0p5'): fields must be identifiers."""
+  return "loss_" + term.replace(".", "p")
+
+
 def train_metrics_class(term_names: tuple[str, ...]) -> type[clu_metrics.Collection]:
   """A clu Collection averaging every loss term, the gradient norm and the skipped-step count."""
-  fields = {f"loss/{name}": clu_metrics.Average.from_output(f"loss/{name}") for name in term_names}
+  fields = {_field(name): clu_metrics.Average.from_output(_field(name)) for name in term_names}
   fields.update(loss=clu_metrics.Average.from_output("loss"),
                 grad_norm=clu_metrics.Average.from_output("grad_norm"),
                 learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
                 nonfinite_steps=clu_metrics.Average.from_output("nonfinite"))
   return clu_metrics.Collection.create(**fields)
+
+
+def readable(scalars: Mapping[str, float], term_names: tuple[str, ...]) -> dict[str, float]:
+  """Collection fields -> the names written to logs and TensorBoard ('loss/scale_0.5')."""
+  names = {_field(t): f"loss/{t}" for t in term_names}
+  return {names.get(k, k): v for k, v in scalars.items()}
 
 
 def loss_term_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -63,7 +74,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state))
-  outputs = {f"loss/{k}": v for k, v in terms.items()}
+  outputs = {_field(k): v for k, v in terms.items()}
   return new_state, metrics_class.single_from_model_output(
       loss=loss, grad_norm=grad_norm, learning_rate=setup.schedule(state.step),
       nonfinite=(~finite).astype(jnp.float32), **outputs)
@@ -209,11 +220,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           hook(done)
         if float(m.nonfinite_steps.compute()):  # one scalar per step: the update was withheld.
           if config.train.on_nonfinite == "raise":
-            raise_nonfinite(step, {k: float(v) for k, v in m.compute().items()})
+            raise_nonfinite(step, readable({k: float(v) for k, v in m.compute().items()}, loss_term_names(config)))
           skipped += 1
           logging.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).", step, skipped)
         if done % config.train.log_every_steps == 0 or done == num_steps:
-          scalars = {k: float(v) for k, v in acc.compute().items()}
+          scalars = readable({k: float(v) for k, v in acc.compute().items()}, loss_term_names(config))
           elapsed = time.perf_counter() - tick
           scalars["images_per_s"] = (done - tick_step) * config.train.batch_size / elapsed
           scalars["step_time_s"] = elapsed / (done - tick_step)

@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from scaleattn import checkpointing
+from scaleattn import checkpointing, sharding
 
 
 def _cfg(**kw):
@@ -42,7 +42,7 @@ def test_restore_onto_a_mesh_and_skip_broken(tmp_path):
   for root, _, files in os.walk(tmp_path / "ckpt" / "4"):
     for f in files:
       open(os.path.join(root, f), "wb").close()
-  mesh = jax.make_mesh((4,), ("data",))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 4}))
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
                         jax.eval_shape(lambda: _state(0)))
   restored = checkpointing.Checkpoints(tmp_path / "ckpt", _cfg()).restore(target)

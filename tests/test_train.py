@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import NUM_TEST_DEVICES
@@ -53,7 +54,7 @@ def test_sharded_step_equals_single_device_step(data_dir):
   local = next(data.train_batches(0))
   outs = []
   for n in (1, NUM_TEST_DEVICES):
-    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": n}))
     setup = build(config, mesh)
     p_train, _ = train.jit_steps(setup)
     state = setup.init_state(jax.random.key(0))
