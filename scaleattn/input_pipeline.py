@@ -18,13 +18,12 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from scaleattn import datasets, preprocessing
+from scaleattn import datasets, preprocessing  # importing datasets registers the builders
 
 _ENDLESS = 2**40
 
 
 def _prepare(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  datasets.register()
   kwargs = {"config": cfg.builder_config} if cfg.builder_config else {}
   builder = tfds.builder(cfg.name, data_dir=cfg.data_dir, file_format="array_record", **kwargs)
   download_config = tfds.download.DownloadConfig(manual_dir=cfg.manual_dir) if cfg.manual_dir else None

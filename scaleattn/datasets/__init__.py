@@ -1,14 +1,16 @@
-"""TFDS builders of the project's datasets, registered on import: scale_shapes (embedded, generated locally),
-voc2012_aug (PASCAL VOC 2012 + SBD) and pascal_person_part (manual downloads)."""
+"""TFDS builders of the project's datasets, registered with TFDS on import: scale_shapes (embedded, generated
+locally), voc2012_aug (PASCAL VOC 2012 + SBD) and pascal_person_part (both from manual downloads)."""
 from __future__ import annotations
 
-from scaleattn.datasets import scale_shapes
+from scaleattn.datasets import pascal_person_part, scale_shapes, voc2012_aug
+from scaleattn.datasets.label_io import DataError
 
-_CLASS_NAMES = {"scale_shapes": scale_shapes.CLASS_NAMES}
-
-
-def register() -> None:
-  """Importing this package registers the builders with TFDS; this makes the dependency explicit."""
+_CLASS_NAMES = {
+    "scale_shapes": scale_shapes.CLASS_NAMES,
+    "voc2012_aug": voc2012_aug.CLASS_NAMES,
+    "pascal_person_part": pascal_person_part.CLASS_NAMES,
+}
+__all__ = ["DataError", "class_names"]
 
 
 def class_names(name: str) -> tuple[str, ...]:
