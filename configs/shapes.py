@@ -20,13 +20,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dataset.num_classes = 5
   c.dataset.builder_config = "default"
 
-  c.input.crop_size = 161
-  c.input.eval_size = 201
+  c.input.crop_size = 129
+  c.input.eval_size = 193
   c.input.random_scale = (1.0, 1.0)
 
-  c.model.block_widths = (16, 32, 64, 96, 96)
+  c.model.block_widths = (16, 32, 64, 64, 64)
   c.model.block_depths = (1, 1, 2, 2, 2)
-  c.model.fc_width = 192
+  c.model.fc_width = 128
   c.model.fc6_dilation = 2
   c.model.dropout_rate = 0.1
   c.model.attention_hidden = 64
@@ -40,10 +40,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optim.lr_multipliers = ()
 
   c.train.batch_size = 8
-  c.train.num_steps = 1500
+  c.train.num_steps = 1200
   c.train.log_every_steps = 50
-  c.train.eval_every_steps = 500
-  c.train.checkpoint_every_steps = 250
+  c.train.eval_every_steps = 400
+  c.train.checkpoint_every_steps = 200
   c.eval.batch_size = 8
 
   if variant == "smoke":
