@@ -237,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        data.num_eval_batches(config.dataset.eval_split), data.class_names)
           writer.write_scalars(done, {f"{config.dataset.eval_split}/{k}": v for k, v in eval_result.items()
                                       if np.isscalar(v)})
-        preempted = preemption.requested or ckpts.reached_preemption(done)
+        # One process: our SIGTERM flag. Several: Orbax's policy, which agrees on the step across hosts.
+        preempted = (preemption.requested and jax.process_count() == 1) or ckpts.reached_preemption(done)
         ckpts.save(done, state, metrics={checkpointing.BEST_METRIC: eval_result["miou"]} if eval_now else None,
                    force=eval_now or preempted)
         if preempted:
