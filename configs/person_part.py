@@ -1,7 +1,7 @@
 """PASCAL-Person-Part (7 classes), the paper's recipe as for VOC.
 
   python -m scaleattn.main --config=configs/person_part.py --workdir=/path/to/workdir \
-      --config.dataset.manual_dir=/path/to/downloads --config.init_from=vgg16_largefov.npz
+      --config.dataset.manual_dir=/path/to/downloads
 """
 import ml_collections
 

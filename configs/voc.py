@@ -2,7 +2,7 @@
 attention with extra supervision, batch 30, SGD 1e-3 (x10 fc8 and attention), x0.1 every 2000 steps, 6000 steps.
 
   python -m scaleattn.main --config=configs/voc.py --workdir=/path/to/workdir \
-      --config.dataset.manual_dir=/path/to/downloads --config.init_from=vgg16_largefov.npz
+      --config.dataset.manual_dir=/path/to/downloads
 """
 import ml_collections
 

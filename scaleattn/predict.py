@@ -40,8 +40,7 @@ def restore_params(setup: Setup, workdir: str) -> Any:
   state = ckpts.restore(setup.abstract_state)
   ckpts.close()
   if state is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first or pass "
-                            "--exported=MODEL")
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first")
   return state.params
 
 

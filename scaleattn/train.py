@@ -161,19 +161,12 @@ def raise_nonfinite(step: int, m: Mapping[str, float]) -> None:
 
 
 def initial_state(setup: Setup, ckpts: checkpointing.Checkpoints) -> TrainState:
-  """Resume from the workdir if it has a checkpoint, else start from `init_from` or from scratch."""
+  """Resume from the workdir if it has a checkpoint, else start from scratch."""
   state = ckpts.restore(setup.abstract_state)
   if state is not None:
     logging.info("Resumed from step %d in %s.", int(state.step), ckpts.directory)
     return state
-  state = setup.init_state(jax.random.key(setup.config.seed))
-  if setup.config.init_from:
-    from scaleattn import convert
-    params = convert.merge_pretrained(jax.device_get(state.params), convert.load_pretrained(setup.config.init_from))
-    params = jax.device_put(params, sharding.replicated(setup.mesh))
-    state = TrainState(step=state.step, params=params, opt_state=setup.tx.init(params))
-    logging.info("Initialised the backbone from %s.", setup.config.init_from)
-  return state
+  return setup.init_state(jax.random.key(setup.config.seed))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
