@@ -22,6 +22,7 @@ PAPER_LR_MULTIPLIERS = (
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""  # a file written by `python -m scaleattn.convert`; a resume always wins over it.
 
   c.dataset = ml_collections.ConfigDict(dict(
       name="voc2012_aug",

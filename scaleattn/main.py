@@ -18,6 +18,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the re
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
 flags.DEFINE_list("inputs", [], "predict: image files or folders.")
 flags.DEFINE_string("output_dir", "", "predict: where to write the outputs (default WORKDIR/predictions).")
+flags.DEFINE_string("exported", "", "eval/predict: a model written by `python -m scaleattn.export` (parameters and "
+                    "config) instead of a checkpoint; --config is then not needed.")
 flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0.")
 flags.DEFINE_integer("num_processes", 0, "Multi-process runs: number of processes.")
 flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's index.")
@@ -32,16 +34,19 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   from scaleattn import predict, train  # noqa: PLC0415 - after the runtime is initialised.
-  config = FLAGS.config
+  config, params = FLAGS.config, None
+  if FLAGS.exported:
+    from scaleattn import export  # noqa: PLC0415
+    params, config = export.load_exported(FLAGS.exported)
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/shapes.py")
+    raise app.UsageError("--config is required unless --exported gives a model with its config.")
   if FLAGS.mode == "train":
     result = train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "eval":
-    result = train.evaluate(config, FLAGS.workdir)
+    result = train.evaluate(config, FLAGS.workdir, params=params)
   else:
     out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
-    result = predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir)
+    result = predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir, params=params)
   logging.info("Done: %s", result)
 
 

@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
 from tqdm import tqdm
 
-from scaleattn import checkpointing, config_validation, input_pipeline, losses, metrics, predict, sharding
+from scaleattn import checkpointing, config_validation, convert, input_pipeline, losses, metrics, predict, sharding
 from scaleattn.models import resize
 from scaleattn.state import Setup, TrainState, build, predict_scores
 
@@ -161,12 +161,19 @@ def raise_nonfinite(step: int, m: Mapping[str, float]) -> None:
 
 
 def initial_state(setup: Setup, ckpts: checkpointing.Checkpoints) -> TrainState:
-  """Resume from the workdir if it has a checkpoint, else start from scratch."""
+  """Resume from the workdir if it has a checkpoint, else start from `init_from` (converted VGG-16) or scratch."""
   state = ckpts.restore(setup.abstract_state)
   if state is not None:
     logging.info("Resumed from step %d in %s.", int(state.step), ckpts.directory)
     return state
-  return setup.init_state(jax.random.key(setup.config.seed))
+  state = setup.init_state(jax.random.key(setup.config.seed))
+  path = setup.config.init_from
+  if path:
+    params = convert.merge_pretrained(jax.device_get(state.params), convert.load_pretrained(path), source=path)
+    params = jax.device_put(params, sharding.replicated(setup.mesh))
+    state = TrainState(step=state.step, params=params, opt_state=setup.tx.init(params))
+    logging.info("Initialised the backbone from %s.", path)
+  return state
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
