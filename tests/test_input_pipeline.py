@@ -1,103 +1,134 @@
-"""The input pipeline: image and label stay aligned through augmentation, batches are deterministic and
-resumable by step, and process shards are disjoint and complete."""
-import ml_collections
+"""The input pipeline: deterministic for a seed, resumable at an exact step, disjoint and complete process shards,
+each epoch a permutation of the split, evaluation covering every example once on every process layout."""
+import fake_data
 import numpy as np
 import pytest
 
-from configs import shapes
-from scaleattn import input_pipeline, preprocessing
+from scaleattn import input_pipeline
 
-MEAN = (122.675, 116.669, 104.008)
-
-
-def _colour_coded(h, w, rng):
-  """An image whose label is a function of its colour: class k pixels have red = 40 * k + 10."""
-  blocks = rng.integers(0, 5, (-(-h // 6), -(-w // 6)))  # 6x6 blocks, so rescaling keeps block interiors
-  label = np.kron(blocks, np.ones((6, 6), int))[:h, :w].astype(np.uint8)
-  image = np.stack([40 * label + 10, rng.integers(0, 255, (h, w)), rng.integers(0, 255, (h, w))], -1)
-  return image.astype(np.uint8), label
-
-
-@pytest.mark.parametrize("scale_range", [(1.0, 1.0), (0.5, 1.5)])
-def test_augmentation_keeps_image_and_label_aligned(scale_range):
-  rng = np.random.default_rng(0)
-  for i in range(20):
-    image, label = _colour_coded(23 + i, 31 - i, rng)
-    out = preprocessing.train_example(image, label, np.random.default_rng(i), crop_size=29, mean_rgb=MEAN,
-                                      mirror=True, scale_range=scale_range)
-    assert out["image"].shape == (29, 29, 3) and out["label"].shape == (29, 29)
-    real = out["label"] != 255
-    red = out["image"][..., 0] + MEAN[0]
-    if scale_range == (1.0, 1.0):  # exact pixels: the label is exactly the colour's class
-      np.testing.assert_allclose(red[real], 40 * out["label"][real] + 10, atol=1e-3)
-      np.testing.assert_allclose(out["image"][~real], 0.0)  # padding is the mean
-    else:  # bilinear image, nearest label: most pixels still agree
-      assert np.mean(np.abs(red[real] - (40 * out["label"][real] + 10)) < 20) > 0.8
-
-
-def test_eval_example_pads_and_masks():
-  rng = np.random.default_rng(1)
-  image, label = _colour_coded(7, 9, rng)
-  out = preprocessing.eval_example(image, label, eval_size=13, mean_rgb=MEAN, instance_size=np.ones((7, 9)))
-  assert out["mask"].sum() == 63 and out["mask"][:7, :9].all()
-  assert (out["label"][~out["mask"]] == 255).all() and (out["image"][~out["mask"]] == 0).all()
-  np.testing.assert_array_equal(out["label"][:7, :9], label)
-  with pytest.raises(ValueError, match="larger than config.input.eval_size=5"):
-    preprocessing.eval_example(image, label, eval_size=5, mean_rgb=MEAN)
+NUM_TRAIN, NUM_VALIDATION = 32, 8  # the 'smoke' scale_shapes config; images 65..81 px
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
-  c = shapes.get_config("smoke")
-  c.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))
-  c.train.batch_size = 4
-  c.eval.batch_size = 6
-  return c
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.prepare(fake_data.pipeline_config(path).dataset)
+  return path
 
 
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
-def test_deterministic_and_resumable(config):
-  data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
-  first = _take(data.train_batches(0), 12)  # 48 examples: crosses the 32-example epoch boundary
-  again = _take(input_pipeline.create_datasets(config, process_index=0, process_count=1).train_batches(0), 12)
-  resumed = _take(data.train_batches(7), 5)
-  for a, b in zip(first, again, strict=True):
-    np.testing.assert_array_equal(a["image"], b["image"])
-  for a, b in zip(first[7:], resumed, strict=True):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
-  # Each epoch is a permutation of the whole split: 8 batches of 4 = one epoch of 32 distinct examples.
-  epoch = np.concatenate([b["image"][:, :, :, 0].reshape(4, -1) for b in first[:8]])
-  assert len({row.tobytes() for row in epoch}) == 32
+def _datasets(data_dir, process_index=0, process_count=1, **kw):
+  return input_pipeline.create_datasets(fake_data.pipeline_config(data_dir, **kw), process_index=process_index,
+                                        process_count=process_count)
 
 
-def test_process_shards_are_disjoint_and_complete(config):
-  whole = _take(input_pipeline.create_datasets(config, process_index=0, process_count=1).train_batches(3), 2)
-  parts = [_take(input_pipeline.create_datasets(config, process_index=i, process_count=2).train_batches(3), 2)
-           for i in range(2)]
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_batches_are_deterministic_and_resume_exactly(data_dir):
+  data = _datasets(data_dir)
+  first = _take(data.train_batches(0), 11)  # 44 examples: past the 32-example epoch boundary
+  assert first[0]["image"].shape == (4, 49, 49, 3) and first[0]["image"].dtype == np.float32
+  assert first[0]["label"].shape == (4, 49, 49) and first[0]["label"].dtype == np.int32
+  for a, b in zip(first, _take(_datasets(data_dir).train_batches(0), 11), strict=True):
+    _assert_same(a, b)
+  for k in (1, 7, 9):
+    for a, b in zip(first[k:], _take(data.train_batches(k), 2), strict=False):
+      _assert_same(a, b)
+  other_seed = next(_datasets(data_dir, seed=1).train_batches(0))
+  assert not np.array_equal(other_seed["image"], first[0]["image"])
+
+
+def _source_ids(data, batches):
+  """Which source example each row is: crop = eval size with no mirror/scale leaves the whole padded image."""
+  src = data.source("train")
+  reference = {i: np.asarray(src[i]["image"]) for i in range(len(src))}
+  ids = []
+  for batch in batches:
+    for row, label in zip(batch["image"], batch["label"], strict=True):
+      h, w = (label != 255).sum(0).max(), (label != 255).sum(1).max()
+      pixels = np.rint(row[:h, :w] + np.asarray(fake_data.MEAN_RGB, np.float32)).astype(np.uint8)
+      ids.append(next(i for i, ref in reference.items() if ref.shape == pixels.shape and (ref == pixels).all()))
+  return ids
+
+
+def test_each_epoch_is_a_fresh_permutation(data_dir):
+  data = _datasets(data_dir, crop_size=81, mirror=False)
+  ids = _source_ids(data, _take(data.train_batches(0), 16))  # two epochs of 8 batches of 4
+  assert sorted(ids[:NUM_TRAIN]) == sorted(ids[NUM_TRAIN:]) == list(range(NUM_TRAIN))
+  assert ids[:NUM_TRAIN] != ids[NUM_TRAIN:] and ids[:NUM_TRAIN] != list(range(NUM_TRAIN))
+
+
+def test_process_shards_are_disjoint_and_complete(data_dir):
+  whole = _take(_datasets(data_dir).train_batches(3), 2)
+  parts = [_take(_datasets(data_dir, i, 2).train_batches(3), 2) for i in range(2)]
   for step in range(2):
-    np.testing.assert_array_equal(np.concatenate([parts[0][step]["image"], parts[1][step]["image"]]),
-                                  whole[step]["image"])
+    assert parts[0][step]["image"].shape[0] == parts[1][step]["image"].shape[0] == 2
+    merged = {k: np.concatenate([parts[0][step][k], parts[1][step][k]]) for k in whole[step]}
+    _assert_same(merged, whole[step])  # process i holds rows 2i, 2i+1 of the global batch, augmentation included
+  kw = {"crop_size": 81, "mirror": False}
+  ids = [_source_ids(_datasets(data_dir, i, 2, **kw), _take(_datasets(data_dir, i, 2, **kw).train_batches(0), 4))
+         for i in range(2)]
+  assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 16  # 16 distinct examples of epoch 0
 
 
-def test_eval_covers_every_example_once(config):
-  splits = []
-  for process_index in range(2):
-    data = input_pipeline.create_datasets(config, process_index=process_index, process_count=2)
-    batches = list(data.eval_batches("validation"))
-    assert len(batches) == data.num_eval_batches("validation") == 2  # 8 examples, global batch 6
-    splits.append(batches)
-  masks = np.concatenate([b["mask"] for part in zip(*splits, strict=True) for b in part])
-  assert masks.any(axis=(1, 2)).sum() == 8  # 8 real examples, 4 padding ones
-  assert all(b["image"].shape == (3, 81, 81, 3) and "instance_size" in b for part in splits for b in part)
+def test_grain_worker_processes_give_the_same_batches(data_dir):
+  threads = _take(_datasets(data_dir).train_batches(5), 2)
+  workers = _take(_datasets(data_dir, worker_count=2).train_batches(5), 2)
+  for a, b in zip(threads, workers, strict=True):
+    _assert_same(a, b)
 
 
-def test_class_count_mismatch_is_reported(config):
-  from scaleattn import config_validation
-  bad = ml_collections.ConfigDict(config.to_dict())
-  bad.model.num_classes = 3
-  with pytest.raises(config_validation.ConfigError, match="scale_shapes"):
-    config_validation.check_num_classes(bad, input_pipeline.create_datasets(config).class_names)
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_covers_every_example_once(data_dir, process_count):
+  # 8 validation examples in global batches of 6: 2 batches, the last with 4 padding examples.
+  shards = [list(_datasets(data_dir, i, process_count).eval_batches("validation")) for i in range(process_count)]
+  data = _datasets(data_dir)
+  assert data.num_eval_examples("validation") == NUM_VALIDATION and data.num_eval_batches("validation") == 2
+  assert all(len(batches) == 2 for batches in shards)  # the same number on every process
+  rows = [{k: v[r] for k, v in batch.items()} for step in range(2) for shard in shards
+          for batch in [shard[step]] for r in range(len(batch["mask"]))]
+  assert len(rows) == 12
+  src = data.source("validation")
+  for position, row in enumerate(rows):
+    assert row["image"].shape == (81, 81, 3) and set(row) == {"image", "label", "mask", "instance_size"}
+    if position >= NUM_VALIDATION:
+      assert not row["mask"].any() and (row["label"] == 255).all()
+      continue
+    example = src[position]
+    h, w = example["label"].shape
+    assert row["mask"].sum() == h * w and row["mask"][:h, :w].all()
+    np.testing.assert_array_equal(row["label"][:h, :w], example["label"])
+    np.testing.assert_array_equal(row["instance_size"][:h, :w], example["instance_size"])
+    np.testing.assert_allclose(row["image"][:h, :w] + fake_data.MEAN_RGB, example["image"], atol=1e-3)
+
+
+def test_config_errors(data_dir):
+  with pytest.raises(ValueError, match=r"config.dataset.num_classes=3 but dataset 'scale_shapes' has 5 classes"):
+    _datasets(data_dir, num_classes=3)
+  with pytest.raises(ValueError, match=r"config.train.batch_size=3 is not divisible by the 2 processes"):
+    _datasets(data_dir, 0, 2, train_batch=3)
+  with pytest.raises(ValueError, match=r"has no split 'nope'; it has \['test', 'train', 'validation'\]"):
+    list(_datasets(data_dir).eval_batches("nope"))
+  assert _datasets(data_dir).class_names == ("background", "disk", "square", "triangle", "cross")
+
+
+def test_manual_dataset_end_to_end(tmp_path):
+  """voc2012_aug from a fabricated tree through create_datasets (prepared on first use)."""
+  manual = tmp_path / "manual"
+  truth = fake_data.make_voc(manual, ["a1", "a2"], ["b1"], ["a2", "c1"], ["c2"], size=(12, 14))
+  config = fake_data.pipeline_config(tmp_path / "tfds", name="voc2012_aug", builder_config=None, num_classes=21,
+                                     manual_dir=str(manual), crop_size=16, eval_size=16, train_batch=2, eval_batch=2)
+  config.dataset.train_split, config.dataset.eval_split = "train_aug", "val"
+  data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
+  batch = next(data.train_batches(0))
+  assert batch["image"].shape == (2, 16, 16, 3) and set(np.unique(batch["label"])) <= set(range(21)) | {255}
+  (only,) = list(data.eval_batches("val"))
+  np.testing.assert_array_equal(only["label"][0, :12, :14], truth["b1"])
+  assert only["mask"][0].sum() == 12 * 14 and not only["mask"][1].any()

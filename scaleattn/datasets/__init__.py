@@ -14,6 +14,7 @@ __all__ = ["DataError", "class_names"]
 
 
 def class_names(name: str) -> tuple[str, ...]:
+  """Class names of a dataset, index = label value."""
   if name not in _CLASS_NAMES:
     raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(_CLASS_NAMES)}")
   return _CLASS_NAMES[name]

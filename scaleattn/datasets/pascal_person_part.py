@@ -1,7 +1,8 @@
 """`pascal_person_part`: PASCAL-Person-Part (Chen et al. 2014), 7 classes, 1,716 train / 1,817 val.
 
 Manual directory: `pascal_person_part_gt/*.png` (palette PNGs), `pascal_person_part_trainval_list/{train,val}.txt`
-(two columns: image path, label path) and the VOC 2012 images (`VOCdevkit/VOC2012/JPEGImages`, or the VOC tar).
+(two columns: image path, label path; only the file names are used) and the VOC 2012 images
+(`VOCdevkit/VOC2012/JPEGImages`, or the VOC tar).
 """
 from __future__ import annotations
 
@@ -13,46 +14,39 @@ from scaleattn.datasets import label_io, voc2012_aug
 
 CLASS_NAMES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
 MANUAL = ("Put the PASCAL-Person-Part annotations (pascal_person_part_gt/ and pascal_person_part_trainval_list/, "
-          "from http://liangchiehchen.com/projects/DeepLab.html) and the VOC 2012 images (VOCdevkit/VOC2012 or "
+          "from http://liangchiehchen.com/projects/DeepLab.html) and the VOC 2012 images (VOCdevkit/VOC2012/ or "
           f"{voc2012_aug.VOC_TAR}) into the manual directory (config.dataset.manual_dir).")
 
 
 class PascalPersonPart(tfds.core.GeneratorBasedBuilder):
   """PASCAL-Person-Part human part segmentation (7 classes)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Images stored as the original JPEG bytes, labels as zlib-compressed uint8 [H, W]."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.Image(shape=(None, None, 1)),
-            "file_name": tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES),
-    )
+    return self.dataset_info_from_configs(description=__doc__, features=label_io.photo_features(),
+                                          metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES))
 
   def _split_generators(self, dl_manager):
-    manual = os.fspath(dl_manager.manual_dir)
+    manual = label_io.manual_dir(dl_manager)
     gt = label_io.require(os.path.join(manual, "pascal_person_part_gt"), "pascal_person_part_gt/", MANUAL)
     lists = label_io.require(os.path.join(manual, "pascal_person_part_trainval_list"),
                              "pascal_person_part_trainval_list/", MANUAL)
-    voc = voc2012_aug.locate(manual, os.path.join("VOCdevkit", "VOC2012"), voc2012_aug.VOC_TAR, dl_manager)
+    voc = voc2012_aug.locate(manual, os.path.join("VOCdevkit", "VOC2012"), voc2012_aug.VOC_TAR, dl_manager, MANUAL)
     return {split: self._generate_examples(os.path.join(lists, f"{split}.txt"), gt, voc)
             for split in ("train", "val")}
 
   def _generate_examples(self, list_path: str, gt: str, voc: str):
     with open(label_io.require(list_path, "split list", MANUAL)) as f:
-      pairs = [line.split() for line in f if line.strip()]
-    for pair in pairs:
-      if len(pair) != 2:
-        raise label_io.DataError(f"{list_path}: expected two columns (image, label), got {pair}")
-      image_id = os.path.splitext(os.path.basename(pair[0]))[0]
-      image_path = os.path.join(voc, "JPEGImages", f"{image_id}.jpg")
-      label_path = os.path.join(gt, os.path.basename(pair[1]))
-      image, label = label_io.read_image(image_path), label_io.read_palette_png(label_path)
-      label_io.check_pair(image, label, len(CLASS_NAMES), image_path, label_path)
-      yield image_id, {"image": image, "label": label[..., None], "file_name": image_id}
+      rows = [line.split() for line in f if line.strip()]
+    for row in rows:
+      if len(row) != 2:
+        raise label_io.DataError(f"{list_path}: expected two columns (image, label), got {' '.join(row)!r}")
+      image_id = os.path.splitext(os.path.basename(row[0]))[0]
+      pair = label_io.read_pair(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"),
+                                os.path.join(gt, os.path.basename(row[1])), label_io.read_palette_png,
+                                len(CLASS_NAMES))
+      yield image_id, {**pair, "file_name": image_id}

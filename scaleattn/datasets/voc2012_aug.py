@@ -1,4 +1,4 @@
-"""`voc2012_aug`: PASCAL VOC 2012 segmentation with the SBD annotations (Hariharan et al. 2011).
+"""`voc2012_aug`: PASCAL VOC 2012 segmentation with the SBD annotations (Hariharan et al. 2011), 21 classes.
 
 Splits: train_aug = VOC train + SBD train + SBD val - VOC val (10,582 images), train (1,464), val (1,449).
 Labels come from VOC's palette PNGs where VOC has one, else from SBD's cls/*.mat; 255 stays void.
@@ -18,19 +18,21 @@ VOC_TAR = "VOCtrainval_11-May-2012.tar"
 SBD_TGZ = "benchmark.tgz"
 MANUAL = (f"Download {VOC_TAR} (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/) and {SBD_TGZ} "
           "(http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz) "
-          "into the manual directory (config.dataset.manual_dir), extracted or not.")
+          "and put both, extracted (VOCdevkit/VOC2012/, benchmark_RELEASE/) or not, into the manual directory "
+          "(config.dataset.manual_dir).")
 
 
-def locate(manual_dir: str, extracted: str, archive: str, dl_manager) -> str:
-  """The extracted folder `extracted` under manual_dir, extracting `archive` there first if needed."""
-  for root in (manual_dir, os.path.join(manual_dir, "extracted")):
-    if os.path.isdir(os.path.join(root, extracted)):
-      return os.path.join(root, extracted)
-  archive_path = label_io.require(os.path.join(manual_dir, archive), archive, MANUAL)
-  return os.path.join(os.fspath(dl_manager.extract(archive_path)), extracted)
+def locate(manual_dir: str, extracted: str, archive: str, dl_manager, advice: str) -> str:
+  """The folder `extracted` under manual_dir, or inside `archive` (in manual_dir), which is extracted once."""
+  if os.path.isdir(os.path.join(manual_dir, extracted)):
+    return os.path.join(manual_dir, extracted)
+  archive_path = label_io.require(os.path.join(manual_dir, archive), f"{extracted}/ (or {archive})", advice)
+  return label_io.require(os.path.join(os.fspath(dl_manager.extract(archive_path)), extracted),
+                          f"{extracted}/ inside {archive}", advice)
 
 
 def read_ids(path: str) -> list[str]:
+  """Image ids of a split list (first column of each non-empty line)."""
   with open(label_io.require(path, "split list", MANUAL)) as f:
     return [line.split()[0] for line in f if line.strip()]
 
@@ -38,44 +40,35 @@ def read_ids(path: str) -> list[str]:
 class Voc2012Aug(tfds.core.GeneratorBasedBuilder):
   """VOC 2012 + SBD semantic segmentation (21 classes)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Images stored as the original JPEG bytes, labels as zlib-compressed uint8 [H, W]."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.Image(shape=(None, None, 1)),
-            "file_name": tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES),
-    )
+    return self.dataset_info_from_configs(description=__doc__, features=label_io.photo_features(),
+                                          metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES))
 
   def _split_generators(self, dl_manager):
-    manual = os.fspath(dl_manager.manual_dir)
-    voc = locate(manual, os.path.join("VOCdevkit", "VOC2012"), VOC_TAR, dl_manager)
-    sbd = os.path.join(locate(manual, "benchmark_RELEASE", SBD_TGZ, dl_manager), "dataset")
+    manual = label_io.manual_dir(dl_manager)
+    voc = locate(manual, os.path.join("VOCdevkit", "VOC2012"), VOC_TAR, dl_manager, MANUAL)
+    sbd = os.path.join(locate(manual, "benchmark_RELEASE", SBD_TGZ, dl_manager, MANUAL), "dataset")
     seg_sets = os.path.join(voc, "ImageSets", "Segmentation")
     voc_train, voc_val = read_ids(os.path.join(seg_sets, "train.txt")), read_ids(os.path.join(seg_sets, "val.txt"))
     sbd_ids = read_ids(os.path.join(sbd, "train.txt")) + read_ids(os.path.join(sbd, "val.txt"))
     excluded = set(voc_val)
-    train_aug = list(dict.fromkeys(i for i in voc_train + sbd_ids if i not in excluded))
+    train_aug = sorted(set(voc_train + sbd_ids) - excluded)
     voc_labelled = set(voc_train) | set(voc_val)
-    return {"train_aug": self._generate_examples(voc, sbd, sorted(train_aug), voc_labelled),
+    return {"train_aug": self._generate_examples(voc, sbd, train_aug, voc_labelled),
             "train": self._generate_examples(voc, sbd, voc_train, voc_labelled),
             "val": self._generate_examples(voc, sbd, voc_val, voc_labelled)}
 
   def _generate_examples(self, voc: str, sbd: str, ids: list[str], voc_labelled: set[str]):
     for image_id in ids:
-      image_path = os.path.join(voc, "JPEGImages", f"{image_id}.jpg")
-      image = label_io.read_image(image_path)
       if image_id in voc_labelled:
-        label_path = os.path.join(voc, "SegmentationClass", f"{image_id}.png")
-        label = label_io.read_palette_png(label_path)
+        label_path, read_label = os.path.join(voc, "SegmentationClass", f"{image_id}.png"), label_io.read_palette_png
       else:
-        label_path = os.path.join(sbd, "cls", f"{image_id}.mat")
-        label = label_io.read_sbd_mat(label_path)
-      label_io.check_pair(image, label, len(CLASS_NAMES), image_path, label_path)
-      yield image_id, {"image": image, "label": label[..., None], "file_name": image_id}
+        label_path, read_label = os.path.join(sbd, "cls", f"{image_id}.mat"), label_io.read_sbd_mat
+      pair = label_io.read_pair(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), label_path, read_label,
+                                len(CLASS_NAMES))
+      yield image_id, {**pair, "file_name": image_id}
