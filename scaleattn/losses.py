@@ -1,4 +1,7 @@
-"""Losses: pixel softmax cross-entropy with an ignore label, and the multi-scale extra supervision."""
+"""Losses: pixel softmax cross-entropy with an ignore label, and the multi-scale extra supervision (E-Supv).
+
+All pure and jittable; logits of any float dtype are reduced in float32.
+"""
 from __future__ import annotations
 
 import functools
@@ -11,10 +14,13 @@ import ml_collections
 from scaleattn.models import MultiScaleOutput
 from scaleattn.models.resize import nearest_indices
 
+PER_SCALE_GRIDS = ("output", "native")
+
 
 @functools.partial(jax.jit, static_argnums=1)
 def downsample_labels(labels: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-  """Nearest labels at align-corners positions of the output grid (321 -> 41 picks rows 0, 8, ..., 320)."""
+  """labels [B, H, W] -> [B, h, w]: the label nearest to each align-corners position of the output grid
+  (321 -> 41 picks rows and columns 0, 8, ..., 320; 321 -> 21 picks 0, 16, ..., 320)."""
   rows = nearest_indices(out_hw[0], labels.shape[1])
   cols = nearest_indices(out_hw[1], labels.shape[2])
   return labels[:, rows][:, :, cols]
@@ -22,7 +28,8 @@ def downsample_labels(labels: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="ignore_label")
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
-  """Mean softmax cross-entropy over pixels whose label is not `ignore_label`; 0 when there are none."""
+  """Mean softmax cross-entropy of logits [B, h, w, C] over the pixels of labels [B, h, w] that are not
+  `ignore_label`; 0 (with zero gradient) when there are none."""
   valid = labels != ignore_label
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -31,18 +38,32 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int 
 
 
 def multiscale_loss(output: MultiScaleOutput, labels: jax.Array, cfg: ml_collections.ConfigDict,
-                    scales: Sequence[float]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """loss(fused) + sum_s w_s * loss(scale s) (extra supervision; w_s from config, default 1), and the terms
-  by name ('fused', 'scale_1', 'scale_0.5', ...). Per-scale losses use the scale-1 output grid ('output') or each scale's native grid ('native').
+                    scales: Sequence[float] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """loss(fused) + sum_s w_s * loss(scale s) with `config.loss` fields; returns (total, terms by name).
+
+  Terms: 'fused', and with extra_supervision f'scale_{s:g}' ('scale_1', 'scale_0.75', ...), weighted by
+  scale_weights (None = 1 each). per_scale_grid 'output': each scale's scores resized to the scale-1 grid
+  (output.per_scale); 'native': each scale's own score map against labels sampled on its grid.
+  scales: the scales along the S axis; defaults to output.scales (MultiScaleNet fills it in).
   """
-  grid = output.fused.shape[1:3]
-  ignore = cfg.ignore_label
-  terms = {"fused": pixel_cross_entropy(output.fused, downsample_labels(labels, grid), ignore)}
+  scales = tuple(output.scales if scales is None else scales)
+  num_scales = output.per_scale.shape[3]
+  if len(scales) != num_scales:
+    raise ValueError(f"multiscale_loss: scales={scales} do not name the {num_scales} scales of the output")
+  if cfg.per_scale_grid not in PER_SCALE_GRIDS:
+    raise ValueError(f"config.loss.per_scale_grid={cfg.per_scale_grid!r}: expected one of {PER_SCALE_GRIDS}")
+  weights = (1.0,) * num_scales if cfg.scale_weights is None else tuple(cfg.scale_weights)
+  if len(weights) != num_scales:
+    raise ValueError(f"config.loss.scale_weights={weights}: expected one weight per scale ({num_scales})")
+
+  def loss(logits: jax.Array) -> jax.Array:
+    return pixel_cross_entropy(logits, downsample_labels(labels, logits.shape[1:3]), cfg.ignore_label)
+
+  terms = {"fused": loss(output.fused)}
   total = terms["fused"]
   if cfg.extra_supervision:
-    weights = cfg.scale_weights or (1.0,) * len(scales)
-    for i, name in enumerate(f"scale_{s:g}" for s in scales):
+    for i, (s, w) in enumerate(zip(scales, weights, strict=True)):
       logits = output.per_scale[:, :, :, i] if cfg.per_scale_grid == "output" else output.native[i]
-      terms[name] = pixel_cross_entropy(logits, downsample_labels(labels, logits.shape[1:3]), ignore)
-      total = total + weights[i] * terms[name]
+      terms[f"scale_{s:g}"] = loss(logits)
+      total = total + w * terms[f"scale_{s:g}"]
   return total, terms

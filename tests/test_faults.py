@@ -18,7 +18,7 @@ from scaleattn import checkpointing, input_pipeline, train
 from scaleattn.state import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 12
+STEPS = 24  # long enough that four interruptions all land before the run finishes
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,12 @@ def test_kill9_and_sigterm_lose_nothing(data_dir, reference, tmp_path):
     before = _saved_steps(workdir)
     proc = subprocess.Popen(_command(data_dir, workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    # Wait until this attempt has made progress (a new checkpoint), then strike at a random moment.
+    # Wait until this attempt has made progress (a new checkpoint), then strike at a random moment within the
+    # next few steps (a smoke step takes about 0.1 s; checkpoints land every 2 steps).
     deadline = time.time() + 240
     while _saved_steps(workdir) == before and proc.poll() is None and time.time() < deadline:
-      time.sleep(0.2)
-    time.sleep(rng.uniform(0.0, 1.5))
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))
     if proc.poll() is None:
       proc.send_signal(sig)
       kills += 1
@@ -114,7 +115,7 @@ def test_broken_latest_checkpoint_falls_back(data_dir, reference, tmp_path):
     for f in files:
       with open(os.path.join(root, f), "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(fh.name) // 2))
-  train.train_and_evaluate(_config(data_dir), workdir)  # restores step 4, redoes 5..12
+  train.train_and_evaluate(_config(data_dir), workdir)  # restores step 4, redoes 5..STEPS
   _assert_same(_params(workdir, _config(data_dir)), reference)
 
 

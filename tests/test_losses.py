@@ -1,58 +1,127 @@
 """Losses against hand computations."""
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from scaleattn import losses
 from scaleattn.models import MultiScaleOutput
 
 
-def _cfg(**kw):
+def _cfg(**overrides):
   return ml_collections.ConfigDict(dict(extra_supervision=True, scale_weights=None, per_scale_grid="output",
-                                        ignore_label=255) | kw)
+                                        ignore_label=255) | overrides)
+
+
+def _ce(logits, labels):
+  """Mean -log softmax(logits)[label] over pixels whose label is not 255, in float64."""
+  logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+  valid = labels != 255
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  return -picked[valid].mean()
 
 
 def test_cross_entropy_ignores_void_pixels():
   logits = np.array([[[[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [5.0, -5.0]]]], np.float32)  # [1, 2, 2, 2]
   labels = np.array([[[0, 1], [255, 255]]])
-  expected = (np.log(1 + np.exp(-2.0)) + np.log(1 + np.exp(-1.0))) / 2
+  expected = (np.log(1 + np.exp(-2.0)) + np.log(1 + np.exp(-1.0))) / 2  # the two labelled pixels only
   np.testing.assert_allclose(losses.pixel_cross_entropy(logits, labels), expected, rtol=1e-6)
-  assert float(losses.pixel_cross_entropy(logits, np.full((1, 2, 2), 255))) == 0.0
 
 
-def test_downsample_picks_exact_label_pixels():
+def test_no_valid_pixel_gives_zero_loss_and_zero_gradient():
+  logits = jnp.ones((2, 3, 3, 4))
+  labels = jnp.full((2, 3, 3), 255)
+  loss, grad = jax.value_and_grad(losses.pixel_cross_entropy)(logits, labels)
+  assert float(loss) == 0.0 and not np.any(grad) and np.isfinite(grad).all()
+
+
+def test_cross_entropy_of_bfloat16_logits_is_float32():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(1, 4, 4, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, size=(1, 4, 4))
+  loss = losses.pixel_cross_entropy(jnp.asarray(logits, jnp.bfloat16), labels)
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, _ce(jnp.asarray(logits, jnp.bfloat16).astype(np.float32), labels), rtol=1e-5)
+
+
+@pytest.mark.parametrize("out, step", [(41, 8), (21, 16), (321, 1)])
+def test_downsample_picks_exact_label_pixels(out, step):
   labels = np.arange(321 * 321).reshape(1, 321, 321)
-  out = np.asarray(losses.downsample_labels(jnp.asarray(labels), (41, 41)))
-  np.testing.assert_array_equal(out[0], labels[0][::8, ::8])
+  result = np.asarray(losses.downsample_labels(jnp.asarray(labels), (out, out)))
+  np.testing.assert_array_equal(result[0], labels[0][::step, ::step])
 
 
-def _output(rng, scales=2, grid=(3, 3)):
-  per_scale = rng.normal(size=(1, *grid, scales, 4)).astype(np.float32)
-  native = tuple(per_scale[:, :2, :2, s] * 2 for s in range(scales))  # distinct, smaller native grids
-  return MultiScaleOutput(fused=per_scale.mean(3), per_scale=per_scale, weights=np.zeros((1, *grid, scales)),
-                          native=native)
+def test_downsample_takes_the_nearest_label():
+  labels = np.arange(7 * 5).reshape(1, 7, 5)
+  # align corners: rows 0, 1.5, 3, 4.5, 6 -> nearest 0, 2, 3, 5, 6 (halves round up); columns 0, 2, 4
+  np.testing.assert_array_equal(losses.downsample_labels(jnp.asarray(labels), (5, 3))[0],
+                                labels[0][[0, 2, 3, 5, 6]][:, [0, 2, 4]])
 
 
-def test_extra_supervision_sums_terms():
+def _output(rng, scales=(1.0, 0.5), grid=(3, 3)):
+  per_scale = rng.normal(size=(1, *grid, len(scales), 4)).astype(np.float32)
+  native = tuple(rng.normal(size=(1, grid[0] - i, grid[1] - i, 4)).astype(np.float32) for i in range(len(scales)))
+  return MultiScaleOutput(fused=per_scale.mean(3), per_scale=per_scale, weights=np.zeros((1, *grid, len(scales))),
+                          native=native, scales=scales)
+
+
+def test_extra_supervision_adds_weighted_per_scale_terms():
   rng = np.random.default_rng(0)
   out = _output(rng)
   labels = rng.integers(0, 4, size=(1, 9, 9))
+  labels[0, 0, 0] = 255  # an ignored pixel on the 3x3 grid
   small = labels[:, ::4, ::4]
-  ce = lambda logits, lab: float(losses.pixel_cross_entropy(logits, lab))
-  total, terms = losses.multiscale_loss(out, labels, _cfg(scale_weights=(1.0, 0.5)), (1.0, 0.5))
+  total, terms = losses.multiscale_loss(out, labels, _cfg(scale_weights=(1.0, 0.5)))
   assert set(terms) == {"fused", "scale_1", "scale_0.5"}
-  np.testing.assert_allclose(terms["scale_0.5"], ce(out.per_scale[:, :, :, 1], small), rtol=1e-6)
-  np.testing.assert_allclose(total, ce(out.fused, small) + ce(out.per_scale[:, :, :, 0], small)
-                             + 0.5 * ce(out.per_scale[:, :, :, 1], small), rtol=1e-6)
-  alone, terms = losses.multiscale_loss(out, labels, _cfg(extra_supervision=False), (1.0, 0.5))
-  assert set(terms) == {"fused"}
-  np.testing.assert_allclose(alone, ce(out.fused, small), rtol=1e-6)
+  np.testing.assert_allclose(terms["fused"], _ce(out.fused, small), rtol=1e-5)
+  np.testing.assert_allclose(terms["scale_1"], _ce(out.per_scale[:, :, :, 0], small), rtol=1e-5)
+  np.testing.assert_allclose(terms["scale_0.5"], _ce(out.per_scale[:, :, :, 1], small), rtol=1e-5)
+  np.testing.assert_allclose(total, _ce(out.fused, small) + _ce(out.per_scale[:, :, :, 0], small)
+                             + 0.5 * _ce(out.per_scale[:, :, :, 1], small), rtol=1e-5)
 
 
-def test_native_grid_option():
+def test_extra_supervision_off_is_the_fused_loss_alone():
   rng = np.random.default_rng(1)
   out = _output(rng)
   labels = rng.integers(0, 4, size=(1, 9, 9))
-  _, terms = losses.multiscale_loss(out, labels, _cfg(per_scale_grid="native"), (1.0, 0.5))
-  np.testing.assert_allclose(terms["scale_0.5"],
-                             float(losses.pixel_cross_entropy(out.native[1], labels[:, ::8, ::8])), rtol=1e-6)
+  total, terms = losses.multiscale_loss(out, labels, _cfg(extra_supervision=False))
+  assert set(terms) == {"fused"}
+  np.testing.assert_allclose(total, _ce(out.fused, labels[:, ::4, ::4]), rtol=1e-5)
+
+
+def test_native_grid_option_uses_each_scales_own_map():
+  rng = np.random.default_rng(2)
+  out = _output(rng, scales=(1.0, 0.75, 0.5), grid=(4, 4))
+  labels = rng.integers(0, 4, size=(1, 7, 7))
+  total, terms = losses.multiscale_loss(out, labels, _cfg(per_scale_grid="native"))
+  assert set(terms) == {"fused", "scale_1", "scale_0.75", "scale_0.5"}
+  # 7 -> 4: rows 0, 2, 4, 6; 7 -> 3: 0, 3, 6; 7 -> 2: 0, 6
+  for name, native, idx in [("scale_1", out.native[0], [0, 2, 4, 6]), ("scale_0.75", out.native[1], [0, 3, 6]),
+                            ("scale_0.5", out.native[2], [0, 6])]:
+    np.testing.assert_allclose(terms[name], _ce(native, labels[:, idx][:, :, idx]), rtol=1e-5)
+  np.testing.assert_allclose(total, sum(float(t) for t in terms.values()), rtol=1e-5)
+
+
+def test_loss_is_jittable_and_scales_can_be_given_explicitly():
+  rng = np.random.default_rng(3)
+  out = _output(rng)
+  labels = rng.integers(0, 4, size=(1, 9, 9))
+  cfg = _cfg()
+  total, terms = jax.jit(lambda o, y: losses.multiscale_loss(o, y, cfg))(out, labels)
+  explicit, _ = losses.multiscale_loss(out.replace(scales=()), labels, cfg, scales=(1.0, 0.5))
+  eager, _ = losses.multiscale_loss(out, labels, cfg)
+  np.testing.assert_allclose(total, eager, rtol=1e-6)
+  np.testing.assert_allclose(explicit, eager, rtol=1e-6)
+
+
+def test_bad_loss_settings_are_reported():
+  rng = np.random.default_rng(4)
+  out, labels = _output(rng), rng.integers(0, 4, size=(1, 9, 9))
+  with pytest.raises(ValueError, match="per_scale_grid='input'"):
+    losses.multiscale_loss(out, labels, _cfg(per_scale_grid="input"))
+  with pytest.raises(ValueError, match="one weight per scale"):
+    losses.multiscale_loss(out, labels, _cfg(scale_weights=(1.0,)))
+  with pytest.raises(ValueError, match="do not name the 2 scales"):
+    losses.multiscale_loss(out.replace(scales=()), labels, _cfg())
