@@ -1,21 +1,26 @@
-"""Train-step benchmark: `python -m scaleattn.benchmark --config=configs/voc.py --steps=10 --out=bench.json`.
+"""Speed record: `python -m scaleattn.benchmark --config=configs/voc.py --steps=10 --out=bench.json`.
 
-For each case (scale execution 'loop' and 'vmap', float32 and bfloat16 where asked) it times the jitted train
-step on a random batch: median of `--steps` steps after compilation (compile time reported apart), images/s,
-achieved GFLOP/s from XLA's cost analysis, and the same machine's measured float32 matmul peak.
+For each scale set x precision x scale-execution path it times the jitted train step on a random batch (median
+of `--steps` steps after the compiling one; compile time apart), images/s, achieved GFLOP/s from XLA's cost
+analysis against the same machine's dense matmul peak measured in the same run (float32, and bfloat16 for bf16
+cases), and peak device memory where the backend reports it; then the eval step on whole `eval_size` images.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,16 +31,17 @@ from scaleattn.state import build
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/voc.py", "Model config to time.", lock_config=False)
 flags.DEFINE_integer("steps", 10, "Timed steps per case (after one compiling step).")
-flags.DEFINE_integer("batch_size", 1, "Global batch size.")
+flags.DEFINE_integer("batch_size", 1, "Global train batch size.")
+flags.DEFINE_integer("eval_batch_size", 1, "Global eval batch size (0: skip the eval cases).")
 flags.DEFINE_list("scale_execution", ["loop", "vmap"], "Scale-execution paths to time.")
 flags.DEFINE_list("precision", ["float32"], "Compute dtypes to time (float32, bfloat16).")
 flags.DEFINE_list("scales", [], "Scale sets to time, e.g. '1' and '1-0.75-0.5' (default: the config's).")
 flags.DEFINE_string("out", "", "JSON file to write.")
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """Measured float32 matmul throughput of the default device: the denominator of the efficiency."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+  """Measured dense matmul throughput of the default device: the denominator of the efficiency."""
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []
@@ -46,47 +52,93 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / min(times) / 1e9
 
 
-def time_case(config, steps: int) -> dict:
-  setup = build(config)
-  p_train, _ = train.jit_steps(setup)
-  crop, b = config.input.crop_size, config.train.batch_size
+def _random_batch(config: ml_collections.ConfigDict, batch_size: int, size: int, mask: bool) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
-  local = {"image": rng.normal(0, 50, (b, crop, crop, 3)).astype(np.float32),
-           "label": rng.integers(0, config.model.num_classes, (b, crop, crop)).astype(np.int32)}
-  batch = sharding.global_batch(setup.mesh, local)
-  state = setup.init_state(jax.random.key(0))
-  key = jax.random.key(1)
-  t = time.perf_counter()
-  compiled = p_train.lower(state, batch, key).compile()
-  compile_s = time.perf_counter() - t
+  batch = {"image": rng.normal(0, 50, (batch_size, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, config.model.num_classes, (batch_size, size, size)).astype(np.int32)}
+  if mask:
+    batch["mask"] = np.ones((batch_size, size, size), bool)
+  return batch
+
+
+def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, m = p_train(state, batch, key)
-  jax.block_until_ready(state)
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def train_runner(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Any, float]:
+  """(run, compiled, compile_s): `run` does one blocking train step of `config` on a fixed random batch, carrying
+  the state from step to step."""
+  setup = build(config)
+  p_train, _ = train.jit_steps(setup)
+  batch = sharding.global_batch(setup.mesh, _random_batch(config, config.train.batch_size, config.input.crop_size,
+                                                          mask=False))
+  state = [setup.init_state(jax.random.key(0))]
+  key = jax.random.key(1)
+  t = time.perf_counter()
+  compiled = p_train.lower(state[0], batch, key).compile()
+  compile_s = time.perf_counter() - t
+
+  def run() -> None:
+    state[0], metrics = compiled(state[0], batch, key)
+    jax.block_until_ready((state[0], metrics))
+
+  return run, compiled, compile_s
+
+
+def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Callable[[], None], Any, float]:
+  """(run, compiled, compile_s) for the eval step on whole images padded to config.input.eval_size."""
+  setup = build(config)
+  _, p_eval = train.jit_steps(setup)
+  batch = sharding.global_batch(setup.mesh, _random_batch(config, batch_size, config.input.eval_size, mask=True))
+  params = setup.init_state(jax.random.key(0)).params
+  t = time.perf_counter()
+  compiled = p_eval.lower(params, batch).compile()
+  compile_s = time.perf_counter() - t
+  return lambda: jax.block_until_ready(compiled(params, batch)), compiled, compile_s
+
+
+def measure(runner: tuple[Callable[[], None], Any, float], batch_size: int, steps: int) -> dict:
+  """Median (and min) step time over `steps` runs after one warm-up run, throughput and achieved GFLOP/s."""
+  run, compiled, compile_s = runner
+  run()
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    state, m = p_train(state, batch, key)
-    jax.block_until_ready((state, m))
+    run()
     times.append(time.perf_counter() - t)
   median = float(np.median(times))
-  memory = jax.devices()[0].memory_stats() or {}
+  flops = _flops(compiled)
   return {"median_step_s": median, "min_step_s": float(min(times)), "compile_s": compile_s,
-          "images_per_s": b / median, "gflop_per_step": flops / 1e9, "gflops_per_s": flops / median / 1e9,
-          "peak_memory_bytes": memory.get("peak_bytes_in_use")}
+          "images_per_s": batch_size / median, "gflop_per_step": flops / 1e9, "gflops_per_s": flops / median / 1e9,
+          "peak_memory_bytes": _peak_memory()}
+
+
+def _peak_memory() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def environment() -> dict:
+  """Where the numbers come from: device, host, versions, commit, XLA flags."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except OSError:
+    commit = ""
+  return {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+          "device_count": jax.device_count(), "machine": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__, "commit": commit,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def main(argv):
   del argv
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
-  peak = matmul_peak_gflops()
-  logging.info("Measured float32 matmul peak: %.1f GFLOP/s", peak)
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-  except OSError:
-    commit = ""
+  peaks = {p: matmul_peak_gflops(p) for p in FLAGS.precision}
+  logging.info("Measured matmul peaks (GFLOP/s): %s", peaks)
   cases = []
   for scales in scale_sets:
     for precision in FLAGS.precision:
@@ -94,20 +146,22 @@ def main(argv):
         config = base.copy_and_resolve_references()
         config.model.scales, config.model.dtype, config.model.scale_execution = scales, precision, execution
         config.train.batch_size = FLAGS.batch_size
-        result = time_case(config, FLAGS.steps)
-        case = {"name": f"{len(scales)}scale-{config.model.fusion}-{execution}-{precision}", "scales": list(scales),
-                "fusion": config.model.fusion, "extra_supervision": config.loss.extra_supervision,
-                "batch_size": FLAGS.batch_size, "crop_size": config.input.crop_size, "precision": precision,
-                "scale_execution": execution, "peak_gflops_per_s": peak, **result}
-        logging.info("%s", case)
-        print(json.dumps(case), flush=True)
-        cases.append(case)
-  record = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "commit": commit, "xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": cases}
+        common = {"scales": list(scales), "fusion": config.model.fusion if len(scales) > 1 else "none",
+                  "extra_supervision": config.loss.extra_supervision and len(scales) > 1, "precision": precision,
+                  "scale_execution": execution, "peak_gflops_per_s": peaks[precision]}
+        runs = [("train", FLAGS.batch_size, config.input.crop_size, functools.partial(train_runner, config))]
+        if FLAGS.eval_batch_size:
+          runs.append(("eval", FLAGS.eval_batch_size, config.input.eval_size,
+                       functools.partial(eval_runner, config, FLAGS.eval_batch_size)))
+        for kind, batch_size, size, runner in runs:
+          case = {"name": f"{kind}-{len(scales)}scale-{common['fusion']}-{execution}-{precision}", "kind": kind,
+                  "batch_size": batch_size, "image_size": size, **common,
+                  **measure(runner(), batch_size, FLAGS.steps)}
+          print(json.dumps(case), flush=True)
+          cases.append(case)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump(record, f, indent=2)
+      json.dump({**environment(), "cases": cases}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,18 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int 
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def term_names(cfg: ml_collections.ConfigDict, scales: Sequence[float]) -> tuple[str, ...]:
+  """Names of the loss terms: 'fused', then with extra supervision over 2+ scales 'scale_1', 'scale_0.75', ...
+  (with one scale its own loss is the fused loss, so there is nothing extra to supervise)."""
+  per_scale = tuple(f"scale_{s:g}" for s in scales) if cfg.extra_supervision and len(scales) > 1 else ()
+  return ("fused",) + per_scale
+
+
 def multiscale_loss(output: MultiScaleOutput, labels: jax.Array, cfg: ml_collections.ConfigDict,
                     scales: Sequence[float] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """loss(fused) + sum_s w_s * loss(scale s) with `config.loss` fields; returns (total, terms by name).
 
-  Terms: 'fused', and with extra_supervision f'scale_{s:g}' ('scale_1', 'scale_0.75', ...), weighted by
-  scale_weights (None = 1 each). per_scale_grid 'output': each scale's scores resized to the scale-1 grid
+  Terms are term_names(cfg, scales); the per-scale ones are weighted by scale_weights (None = 1 each). per_scale_grid 'output': each scale's scores resized to the scale-1 grid
   (output.per_scale); 'native': each scale's own score map against labels sampled on its grid.
   scales: the scales along the S axis; defaults to output.scales (MultiScaleNet fills it in).
   """
@@ -61,9 +67,7 @@ def multiscale_loss(output: MultiScaleOutput, labels: jax.Array, cfg: ml_collect
 
   terms = {"fused": loss(output.fused)}
   total = terms["fused"]
-  if cfg.extra_supervision:
-    for i, (s, w) in enumerate(zip(scales, weights, strict=True)):
-      logits = output.per_scale[:, :, :, i] if cfg.per_scale_grid == "output" else output.native[i]
-      terms[f"scale_{s:g}"] = loss(logits)
-      total = total + w * terms[f"scale_{s:g}"]
+  for i, name in enumerate(term_names(cfg, scales)[1:]):
+    terms[name] = loss(output.per_scale[:, :, :, i] if cfg.per_scale_grid == "output" else output.native[i])
+    total = total + weights[i] * terms[name]
   return total, terms

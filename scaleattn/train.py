@@ -49,8 +49,7 @@ def readable(scalars: Mapping[str, float], term_names: tuple[str, ...]) -> dict[
 
 
 def loss_term_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  scales = tuple(f"scale_{s:g}" for s in config.model.scales)
-  return ("fused",) + (scales if config.loss.extra_supervision else ())
+  return losses.term_names(config.loss, tuple(config.model.scales))
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *, setup: Setup,

@@ -93,6 +93,22 @@ def test_head_parameters_and_init():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(p))
 
 
+def test_features_at_their_own_resolution_equal_features_resized_first():
+  """The head may take each scale's features before resizing (it resizes after projecting): same fusion as the
+  paper's, computed in NumPy on features resized first."""
+  rng = np.random.default_rng(3)
+  scores = rng.normal(size=(2, 9, 9, 3, 4)).astype(np.float32)
+  native = [rng.normal(size=(2, n, n, 5)).astype(np.float32) for n in (9, 7, 5)]
+  resized = np.stack([ref.bilinear(f.astype(np.float64), (9, 9)) for f in native], axis=3)
+  _, variables, apply = _fusion("attention", 3, scores, resized.astype(np.float32))
+  fused, weights = apply(variables, scores, native, train=False)
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+  ref_fused, ref_weights = _np_fusion("attention", params, scores.astype(np.float64), resized)
+  assert np.asarray(weights).std() > 0.1
+  np.testing.assert_allclose(fused, ref_fused, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-6)
+
+
 def test_attention_dropout_only_in_training():
   rng = np.random.default_rng(5)
   scores = rng.normal(size=(1, 6, 6, 2, 3)).astype(np.float32)
@@ -113,11 +129,15 @@ def test_bad_inputs_are_reported():
     ScaleFusion("average", 3).init(jax.random.key(0), scores, feats, train=False)
 
 
-def test_fusion_module_imports_nothing_from_the_package():
+def test_fusion_module_needs_only_its_sibling_resize_module():
+  """fusion.py and resize.py can be copied together into another package: they import nothing else from here."""
   import scaleattn.models.fusion as fusion
-  with open(fusion.__file__) as f:
-    source = f.read()
-  assert not re.search(r"^\s*(from|import)\s+(scaleattn|\.)", source, re.M)
+  import scaleattn.models.resize as resize
+  for module, allowed in ((fusion, {".resize"}), (resize, set())):
+    with open(module.__file__) as f:
+      source = f.read()
+    imported = set(re.findall(r"^\s*(?:from|import)\s+((?:scaleattn|\.)[\w.]*)", source, re.M))
+    assert imported == allowed, (module.__name__, imported)
 
 
 def test_readme_snippet_runs():

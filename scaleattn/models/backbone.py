@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scaleattn.models.conv import Conv
 from scaleattn.models.resize import pool_size
 
 
@@ -55,9 +56,8 @@ class DeepLabLargeFOV(nn.Module):
                        f"block_depths={tuple(self.block_depths)}: expected 5 entries each (conv1..conv5)")
     valid = None if valid_size is None else jnp.asarray(valid_size, jnp.int32)
 
-    def conv(features: int, kernel: int, dilation: int, name: str) -> nn.Conv:
-      return nn.Conv(features, (kernel, kernel), kernel_dilation=dilation, padding="SAME", dtype=self.dtype,
-                     param_dtype=jnp.float32, name=name)
+    def conv(features: int, kernel: int, dilation: int, name: str) -> Conv:
+      return Conv(features, kernel, dilation, dtype=self.dtype, name=name)
 
     def confine(x: jax.Array, fill: float) -> jax.Array:
       if valid is None:

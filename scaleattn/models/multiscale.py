@@ -37,7 +37,8 @@ class MultiScaleOutput:
 class MultiScaleNet(nn.Module):
   """DeepLab-LargeFOV shared by all `scales` (the first must be 1.0: it sets the output grid) + ScaleFusion.
 
-  Parameters: {'backbone': DeepLabLargeFOV's, 'fusion': ScaleFusion's (attention only)}, float32.
+  Parameters: {'backbone': DeepLabLargeFOV's, 'fusion': ScaleFusion's (attention over 2+ scales only)}, float32.
+  With one scale there is nothing to fuse: fused = that scale's scores, weights = 1.
   """
   num_classes: int
   scales: Sequence[float] = (1.0, 0.75, 0.5)
@@ -82,12 +83,14 @@ class MultiScaleNet(nn.Module):
       outs = [(all_scores[i, :, :h, :w], all_feats[i, :, :h, :w]) for i, (h, w) in enumerate(out_sizes)]
     grid = out_sizes[0]
     per_scale = jnp.stack([resize.resize_bilinear(scores, grid) for scores, _ in outs], axis=3)
-    features = jnp.stack([resize.resize_bilinear(feats, grid) for _, feats in outs], axis=3)
+    native = tuple(scores for scores, _ in outs)
+    if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse
+      return MultiScaleOutput(fused=native[0], per_scale=per_scale, weights=jnp.ones(per_scale.shape[:4], self.dtype),
+                              native=native, scales=scales)
     fused, weights = ScaleFusion(self.fusion, len(scales), hidden=self.attention_hidden,
                                  dropout_rate=self.attention_dropout, dtype=self.dtype, name="fusion")(
-                                     per_scale, features, train=train)
-    return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights,
-                            native=tuple(scores for scores, _ in outs), scales=scales)
+                                     per_scale, [feats for _, feats in outs], train=train)
+    return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights, native=native, scales=scales)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> MultiScaleNet:

@@ -1,0 +1,161 @@
+"""The same network and train step in PyTorch, timed alternately with scaleattn's JAX step on the same machine.
+
+  pip install torch  # optional; the scaleattn package never imports it
+  PYTHONPATH=. python launch/torch_reference.py --config=configs/voc.py --scales=1,1-0.75-0.5 --rounds=10 --out=FILE.json
+
+Both sides: DeepLab-LargeFOV (VGG-16, Caffe ceil-mode pools, dilated conv5 and fc6), the scales resized with
+align-corners bilinear interpolation, per-scale scores and fc7 features brought to the scale-1 grid, the
+attention head (3x3 conv + ReLU + dropout, 1x1 conv, softmax over scales), cross-entropy with ignore label 255
+on the fused and (extra supervision) on every scale's output, and an SGD momentum update with weight decay.
+Rounds alternate one JAX step and one PyTorch step, so both see the same machine state; medians are reported
+with their ratio.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from torch import nn
+
+from scaleattn import benchmark
+
+FLAGS = flags.FLAGS  # --config, --scales, --batch_size and --out are scaleattn.benchmark's
+flags.DEFINE_integer("rounds", 10, "Timed rounds (one step of each framework per round) after warm-up.")
+flags.DEFINE_list("frameworks", ["jax", "torch"], "Frameworks to time; with both, their steps alternate.")
+flags.DEFINE_float("pause_s", 1.0, "Idle time before each timed step, so neither framework's spinning worker "
+                   "threads eat into the other's step.")
+flags.DEFINE_bool("channels_last", False, "Run PyTorch in channels-last memory format.")
+
+
+def _conv(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Conv2d:
+  return nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+
+
+class LargeFOV(nn.Module):
+  """DeepLab-LargeFOV; returns (scores, fc7)."""
+
+  def __init__(self, cfg):
+    super().__init__()
+    layers, cin = [], 3
+    for block, (width, depth) in enumerate(zip(cfg.block_widths, cfg.block_depths, strict=True), start=1):
+      for _ in range(depth):
+        layers += [_conv(cin, width, dilation=2 if block == 5 else 1), nn.ReLU(inplace=True)]
+        cin = width
+      layers.append(nn.MaxPool2d(3, stride=2 if block <= 3 else 1, padding=1, ceil_mode=True))
+    self.features = nn.Sequential(*layers)
+    self.fc6 = _conv(cin, cfg.fc_width, dilation=cfg.fc6_dilation)
+    self.fc7 = _conv(cfg.fc_width, cfg.fc_width, kernel=1)
+    self.fc8 = _conv(cfg.fc_width, cfg.num_classes, kernel=1)
+    self.drop = nn.Dropout(cfg.dropout_rate)
+
+  def forward(self, x):
+    x = self.drop(F.relu(self.fc6(self.features(x))))
+    fc7 = self.drop(F.relu(self.fc7(x)))
+    return self.fc8(fc7), fc7
+
+
+class ShareNet(nn.Module):
+  """LargeFOV shared across scales + attention fusion (average/max without a head); one scale: plain LargeFOV."""
+
+  def __init__(self, cfg):
+    super().__init__()
+    self.scales, self.fusion = tuple(cfg.scales), cfg.fusion
+    self.backbone = LargeFOV(cfg)
+    if len(self.scales) > 1 and self.fusion == "attention":
+      self.head = nn.Sequential(_conv(len(self.scales) * cfg.fc_width, cfg.attention_hidden), nn.ReLU(inplace=True),
+                                nn.Dropout(cfg.attention_dropout), _conv(cfg.attention_hidden, len(self.scales), 1))
+
+  def forward(self, images):
+    h, w = images.shape[2:]
+    scores, feats = [], []
+    for s in self.scales:
+      size = (int(np.floor((h - 1) * s + 1e-9)) + 1, int(np.floor((w - 1) * s + 1e-9)) + 1)
+      x = images if s == 1.0 else F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+      sc, ft = self.backbone(x)
+      if scores:
+        grid = scores[0].shape[2:]
+        sc = F.interpolate(sc, size=grid, mode="bilinear", align_corners=True)
+        ft = F.interpolate(ft, size=grid, mode="bilinear", align_corners=True)
+      scores.append(sc)
+      feats.append(ft)
+    if len(scores) == 1:
+      return scores[0], scores
+    stacked = torch.stack(scores, dim=1)  # [B, S, C, h, w]
+    if self.fusion == "average":
+      return stacked.mean(1), scores
+    if self.fusion == "max":
+      return stacked.max(1).values, scores
+    weights = torch.softmax(self.head(torch.cat(feats, dim=1)), dim=1)  # [B, S, h, w]
+    return (weights.unsqueeze(2) * stacked).sum(1), scores
+
+
+def torch_step_fn(config, batch_size: int, channels_last: bool):
+  """A closure running one PyTorch train step on a fixed random batch."""
+  torch.manual_seed(0)
+  cfg = config.model
+  model = ShareNet(cfg)
+  opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+  crop = config.input.crop_size
+  images = torch.randn(batch_size, 3, crop, crop) * 50
+  if channels_last:
+    model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+  with torch.no_grad():
+    grid = model(images)[0].shape[2:]
+  rows = np.floor(np.arange(grid[0]) * (crop - 1) / (grid[0] - 1) + 0.5).astype(int)
+  labels = torch.randint(0, cfg.num_classes, (batch_size, crop, crop))[:, rows][:, :, rows]
+  supervise_scales = config.loss.extra_supervision and len(cfg.scales) > 1
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    fused, per_scale = model(images)
+    loss = F.cross_entropy(fused, labels, ignore_index=255)
+    if supervise_scales:
+      loss = loss + sum(F.cross_entropy(s, labels, ignore_index=255) for s in per_scale)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  return step
+
+
+def main(argv):
+  del argv
+  base = FLAGS.config
+  scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
+  results = []
+  for scales in scale_sets:
+    config = base.copy_and_resolve_references()
+    config.model.scales = scales
+    config.train.batch_size = FLAGS.batch_size
+    steps = {"jax": lambda c: benchmark.train_runner(c)[0],
+             "torch": lambda c: torch_step_fn(c, FLAGS.batch_size, FLAGS.channels_last)}
+    runners = {name: steps[name](config) for name in FLAGS.frameworks}
+    times = {name: [] for name in runners}
+    for run in runners.values():  # compile / warm up
+      run()
+    for _ in range(FLAGS.rounds):
+      for name, run in runners.items():
+        time.sleep(FLAGS.pause_s)
+        t = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - t)
+    row = {"scales": list(scales), "fusion": config.model.fusion, "batch_size": FLAGS.batch_size,
+           "crop_size": config.input.crop_size, "torch_channels_last": FLAGS.channels_last, "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "pause_s": FLAGS.pause_s}
+    for name, ts in times.items():
+      row[f"{name}_median_s"], row[f"{name}_times_s"] = float(np.median(ts)), ts
+    if len(times) == 2:
+      row["torch_over_jax"] = row["torch_median_s"] / row["jax_median_s"]
+    print(json.dumps({k: v for k, v in row.items() if not k.endswith("times_s")}), flush=True)
+    results.append(row)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump({"environment": benchmark.environment(), "cases": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,72 @@
+"""The backbone's convolution variants compute what a plain convolution computes: values against a NumPy tap-by-tap
+convolution, gradients against a NumPy transcription of the convolution's adjoints."""
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+from scaleattn.models import conv
+
+
+def _np_grads(x, w, g, dilation):
+  """d<conv(x, w), g>/dx and /dw for a 'SAME' convolution, tap by tap."""
+  kh, kw = w.shape[:2]
+  ph, pw = dilation * (kh // 2), dilation * (kw // 2)
+  h, wd = x.shape[1:3]
+  xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+  for i, j in itertools.product(range(kh), range(kw)):
+    window = (slice(None), slice(i * dilation, i * dilation + h), slice(j * dilation, j * dilation + wd))
+    dw[i, j] = np.einsum("bhwc,bhwo->co", xp[window], g)
+    dxp[window] += g @ w[i, j].T
+  return dxp[:, ph:ph + h, pw:pw + wd], dw
+
+
+def _check(fn, shape, cout, dilation, kernel=3):
+  rng = np.random.default_rng(sum(shape) + dilation)
+  x = rng.normal(size=shape)
+  w = rng.normal(size=(kernel, kernel, shape[-1], cout)) / np.sqrt(kernel * kernel * shape[-1])
+  g = rng.normal(size=shape[:3] + (cout,))
+  y, vjp = jax.vjp(lambda a, b: fn(a, b, dilation), jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  dx, dw = vjp(jnp.asarray(g, jnp.float32))
+  ref_dx, ref_dw = _np_grads(x, w, g, dilation)
+  np.testing.assert_allclose(y, ref.conv(x, w, 0.0, dilation), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape, dilation", [((1, 9, 11, 3), 3), ((2, 7, 7, 4), 4), ((1, 5, 6, 2), 1)])
+def test_per_tap_matmuls_over_the_valid_overlap(shape, dilation):
+  _check(jax.jit(conv.conv_by_taps, static_argnums=2), shape, 5, dilation)
+
+
+@pytest.mark.parametrize("strips", [1, 2, 5])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_weight_gradient_in_row_strips(strips, dilation):
+  _check(jax.jit(lambda x, w, d: conv._conv_strip_wgrad(x, w, d, strips), static_argnums=2), (2, 13, 8, 3), 4,
+         dilation)
+
+
+@pytest.mark.parametrize("shape, dilation, kernel", [((1, 130, 121, 2), 1, 3),  # strips (>= 120 x 120)
+                                                     ((1, 21, 21, 3), 12, 3),  # taps (most taps in the padding)
+                                                     ((1, 10, 10, 3), 2, 3),  # plain convolution
+                                                     ((1, 6, 5, 3), 1, 1)])  # 1x1: a matmul
+def test_conv2d_picks_a_variant_and_stays_exact(shape, dilation, kernel):
+  _check(jax.jit(conv.conv2d, static_argnums=2), shape, 3, dilation, kernel)
+
+
+def test_valid_fraction():
+  assert conv.valid_fraction(41, 41, 3, 1) == pytest.approx(((40 + 41 + 40) / 123) ** 2)
+  assert conv.valid_fraction(21, 21, 3, 12) == pytest.approx(((9 + 21 + 9) / 63) ** 2)
+  assert conv.valid_fraction(5, 5, 3, 12) == pytest.approx(1 / 9)
+
+
+def test_conv_module_has_nn_conv_parameters():
+  x = jnp.ones((1, 6, 6, 3))
+  ours = conv.Conv(4, 3, 2).init(jax.random.key(0), x)["params"]
+  flax_conv = nn.Conv(4, (3, 3), kernel_dilation=2).init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(lambda a: (a.shape, a.dtype), flax_conv)
