@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
       block_widths=(64, 128, 256, 512, 512),
       block_depths=(2, 2, 3, 3, 3),
       fc_width=1024,
+      conv5_dilation=2,
       fc6_dilation=12,
       dropout_rate=0.5,
       scales=(1.0, 0.75, 0.5),
@@ -57,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
       attention_hidden=512,
       attention_dropout=0.5,
       scale_execution="loop",  # 'loop' | 'vmap'
+      input_scale=1.0,  # images (RGB 0..255 minus mean) are multiplied by this; 1.0 for Caffe-trained VGG-16
       dtype="float32",  # 'float32' | 'bfloat16' (compute; parameters stay float32)
   ))
 

@@ -1,10 +1,13 @@
-"""The embedded default: attention to scale on `scale_shapes`, generated locally, sized for a 2-core CPU.
+"""The embedded default: attention to scale on `scale_shapes` (builder config 'small'), generated locally.
 
-A narrow LargeFOV (same structure as VGG-16 DeepLab-LargeFOV, fewer channels and layers, smaller fc6
-dilation) whose receptive field at scale 1 cannot take in the largest objects, so the coarse scale matters.
+The backbone is DeepLab-LargeFOV's structure made small: five one-conv blocks (16-64 channels) with its three
+stride-2 and two stride-1 pools, conv5 and fc6 undilated. Its receptive field at scale 1 is small next to the
+largest objects (up to 96 px), and the smallest (12 px) shrink to 6 px at scale 0.5, so neither scale alone
+sees every object well.
 
-  python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes
-  python -m scaleattn.main --config=configs/shapes.py:smoke --workdir=/tmp/smoke   # < 2 minutes, for tests
+  python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~10 min on 2 cores
+  python -m scaleattn.main --config=configs/shapes.py:ablation --workdir=W                 # one ablation cell
+  python -m scaleattn.main --config=configs/shapes.py:smoke --workdir=/tmp/smoke           # < 1 minute, for tests
 """
 import ml_collections
 
@@ -14,44 +17,52 @@ from configs import base
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = base.get_config()
   c.dataset.name = "scale_shapes"
+  c.dataset.builder_config = "small"
   c.dataset.train_split = "train"
   c.dataset.eval_split = "validation"
   c.dataset.test_split = "test"
   c.dataset.num_classes = 5
-  c.dataset.builder_config = "default"
 
-  c.input.crop_size = 129
-  c.input.eval_size = 193
+  c.input.crop_size = 97
+  c.input.eval_size = 113
   c.input.random_scale = (1.0, 1.0)
 
   c.model.block_widths = (16, 32, 64, 64, 64)
-  c.model.block_depths = (1, 1, 2, 2, 2)
+  c.model.block_depths = (1, 1, 1, 1, 1)
+  c.model.conv5_dilation = 1
+  c.model.fc6_dilation = 1
   c.model.fc_width = 128
-  c.model.fc6_dilation = 2
   c.model.dropout_rate = 0.1
   c.model.attention_hidden = 64
   c.model.attention_dropout = 0.1
+  c.model.input_scale = 1 / 64  # from-scratch training wants inputs of about unit scale
 
   c.optim.name = "adam"
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 3e-3
   c.optim.weight_decay = 1e-5
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 50
   c.optim.lr_multipliers = ()
 
-  c.train.batch_size = 8
-  c.train.num_steps = 1200
-  c.train.log_every_steps = 50
-  c.train.eval_every_steps = 400
-  c.train.checkpoint_every_steps = 200
-  c.eval.batch_size = 8
+  c.train.batch_size = 16
+  c.train.num_steps = 3000
+  c.train.log_every_steps = 100
+  c.train.eval_every_steps = 1000
+  c.train.checkpoint_every_steps = 500
+  c.eval.batch_size = 16
+  c.eval.size_bins = (16, 32, 64)
 
-  if variant == "smoke":
+  if variant == "ablation":  # one cell of launch/ablation.py's grid: the launcher sets scales, fusion and E-Supv
+    c.train.num_steps = 1200
+    c.train.eval_every_steps = 1200
+    c.train.checkpoint_every_steps = 200
+    c.train.keep_checkpoints = 1
+    c.eval.num_examples = 0
+  elif variant == "smoke":
     c.dataset.builder_config = "smoke"
     c.input.crop_size = 65
     c.input.eval_size = 81
     c.model.block_widths = (4, 8, 8, 8, 8)
-    c.model.block_depths = (1, 1, 1, 1, 1)
     c.model.fc_width = 16
     c.model.attention_hidden = 8
     c.model.scales = (1.0, 0.5)
@@ -63,5 +74,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval.batch_size = 4
     c.eval.num_examples = 1
   elif variant:
-    raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected '' or 'smoke'")
+    raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected '', 'ablation' or 'smoke'")
   return c

@@ -43,7 +43,7 @@ class LargeFOV(nn.Module):
     layers, cin = [], 3
     for block, (width, depth) in enumerate(zip(cfg.block_widths, cfg.block_depths, strict=True), start=1):
       for _ in range(depth):
-        layers += [_conv(cin, width, dilation=2 if block == 5 else 1), nn.ReLU(inplace=True)]
+        layers += [_conv(cin, width, dilation=cfg.conv5_dilation if block == 5 else 1), nn.ReLU(inplace=True)]
         cin = width
       layers.append(nn.MaxPool2d(3, stride=2 if block <= 3 else 1, padding=1, ceil_mode=True))
     self.features = nn.Sequential(*layers)

@@ -131,7 +131,7 @@ def _check_bins(bins: Sequence[float]) -> tuple[float, ...]:
 
 
 def size_bin_names(bins: Sequence[float]) -> tuple[str, ...]:
-  """Names of the len(bins) + 2 bins of `attention_by_size`: 'background', 'size_0-16', ..., 'size_128+'."""
+  """Names of the len(bins) + 2 bins of `sum_by_size`: 'background', 'size_0-16', ..., 'size_128+'."""
   edges = _check_bins(bins)
   lows = (0.0,) + edges
   return ("background",) + tuple(f"size_{lo:g}-{hi:g}" for lo, hi in zip(lows, edges, strict=False)) + (
@@ -139,40 +139,41 @@ def size_bin_names(bins: Sequence[float]) -> tuple[str, ...]:
 
 
 @functools.partial(jax.jit, static_argnames="bins")
-def attention_by_size(weights: jax.Array, instance_size: jax.Array,
-                      bins: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
-  """Fusion weights summed per object-size bin: (float32 [len(bins)+2, S], pixel counts int32 [len(bins)+2]).
+def sum_by_size(values: jax.Array, instance_size: jax.Array, bins: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
+  """Per-pixel values [..., K] (fusion weights, correct-prediction indicators) summed per object-size bin:
+  (float32 [len(bins)+2, K], pixel counts int32 [len(bins)+2]).
 
   Bin 0 is background (size 0); bin 1 + i holds sizes in [edge_{i-1}, edge_i) (edge_{-1} = 0, exclusive), the last
-  sizes >= bins[-1]. Pixels with a negative size (padding) are not counted. Both outputs merge by addition.
+  sizes >= bins[-1]. Pixels with a negative size (padding, ignored labels) are not counted. Both outputs merge by
+  addition.
   """
   edges = _check_bins(bins)
-  if weights.ndim != instance_size.ndim + 1 or weights.shape[:-1] != instance_size.shape:
-    raise ValueError(f"attention_by_size: weights {weights.shape} must be instance_size {instance_size.shape} + [S]")
+  if values.ndim != instance_size.ndim + 1 or values.shape[:-1] != instance_size.shape:
+    raise ValueError(f"sum_by_size: values {values.shape} must be instance_size {instance_size.shape} + [K]")
   size = instance_size.astype(jnp.float32).ravel()
   valid = size >= 0
   index = jnp.where(size > 0, 1 + jnp.sum(size[:, None] >= jnp.asarray(edges, jnp.float32), axis=-1), 0)
   index = jnp.where(valid, index, 0)
   num_bins = len(edges) + 2
-  w = jnp.where(valid[:, None], weights.reshape(size.shape[0], -1).astype(jnp.float32), 0.0)
-  weight_sum = jax.ops.segment_sum(w, index, num_segments=num_bins)
+  v = jnp.where(valid[:, None], values.reshape(size.shape[0], -1).astype(jnp.float32), 0.0)
+  sums = jax.ops.segment_sum(v, index, num_segments=num_bins)
   count = jnp.bincount(index, weights=valid.astype(jnp.int32), length=num_bins)
-  return weight_sum, count
+  return sums, count
 
 
-def summarize_attention(weight_sum: Any, pixel_count: Any, scales: Sequence[float],
-                        bins: Sequence[float]) -> dict[str, float]:
-  """Scalars 'attention/<bin>/scale_<s>' (mean weight of scale s in the bin; NaN for an empty bin) and
-  'attention/<bin>/pixels' (pixels counted), from `attention_by_size` totals."""
+def summarize_by_size(sums: Any, pixel_count: Any, prefix: str, columns: Sequence[str],
+                      bins: Sequence[float]) -> dict[str, float]:
+  """Scalars '<prefix>/<bin>/<column>' (the column's mean over the bin's pixels; NaN for an empty bin) and
+  'pixels/<bin>', from `sum_by_size` totals."""
   names = size_bin_names(bins)
-  weight_sum, pixel_count = np.asarray(weight_sum, np.float64), np.asarray(pixel_count, np.float64)
-  if weight_sum.shape != (len(names), len(scales)) or pixel_count.shape != (len(names),):
-    raise ValueError(f"summarize_attention: expected weight_sum [{len(names)}, {len(scales)}] and pixel_count "
-                     f"[{len(names)}] for bins {tuple(bins)} and scales {tuple(scales)}, got {weight_sum.shape} "
+  sums, pixel_count = np.asarray(sums, np.float64), np.asarray(pixel_count, np.float64)
+  if sums.shape != (len(names), len(columns)) or pixel_count.shape != (len(names),):
+    raise ValueError(f"summarize_by_size: expected sums [{len(names)}, {len(columns)}] and pixel_count "
+                     f"[{len(names)}] for bins {tuple(bins)} and columns {tuple(columns)}, got {sums.shape} "
                      f"and {pixel_count.shape}")
   out = {}
-  for name, sums, count in zip(names, weight_sum, pixel_count, strict=True):
-    out[f"attention/{name}/pixels"] = float(count)
-    for s, total in zip(scales, sums, strict=True):
-      out[f"attention/{name}/scale_{s:g}"] = float(total / count) if count else float("nan")
+  for name, row, count in zip(names, sums, pixel_count, strict=True):
+    out[f"pixels/{name}"] = float(count)
+    for column, total in zip(columns, row, strict=True):
+      out[f"{prefix}/{name}/{column}"] = float(total / count) if count else float("nan")
   return out

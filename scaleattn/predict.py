@@ -55,7 +55,7 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
-def _full_resolution(params: Any, images: jax.Array, *, setup: Setup) -> tuple[jax.Array, jax.Array]:
+def full_resolution(params: Any, images: jax.Array, *, setup: Setup) -> tuple[jax.Array, jax.Array]:
   """Prediction and fusion weights upsampled to the input grid (x8, bilinear, as in the paper's test)."""
   out = predict_scores(params, images, setup=setup, flip=setup.config.eval.flip)
   size = images.shape[1:3]
@@ -71,7 +71,7 @@ def save_outputs(setup: Setup, params: Any, image: np.ndarray, name: str, out_di
   h, w = fitted.shape[:2]
   padded = np.zeros((1, size, size, 3), np.float32)
   padded[0, :h, :w] = fitted.astype(np.float32) - np.asarray(cfg.input.mean_rgb, np.float32)
-  pred, weights = jax.device_get(_full_resolution(params, padded, setup=setup))
+  pred, weights = jax.device_get(full_resolution(params, padded, setup=setup))
   return visualize.save_prediction(out_dir, name, fitted, pred[0, :h, :w].astype(np.uint8),
                                    weights=weights[0, :h, :w], scales=tuple(cfg.model.scales))
 

@@ -61,10 +61,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
 
 
 def predict_scores(params: Any, images: jax.Array, *, setup: Setup, flip: bool) -> models.MultiScaleOutput:
-  """Eval-mode forward pass; with `flip`, fused scores and weights average the image and its mirror."""
+  """Eval-mode forward pass; with `flip`, fused and per-scale scores and weights average the image and its mirror."""
   out = setup.model.apply({"params": params}, images, train=False)
   if not flip:
     return out
   mirrored = setup.model.apply({"params": params}, images[:, :, ::-1], train=False)
   return out.replace(fused=(out.fused + mirrored.fused[:, :, ::-1]) / 2,
+                     per_scale=(out.per_scale + mirrored.per_scale[:, :, ::-1]) / 2,
                      weights=(out.weights + mirrored.weights[:, :, ::-1]) / 2)

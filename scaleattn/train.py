@@ -80,18 +80,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, setup: Setup) -> dict[str, jax.Array]:
-  """Mergeable statistics of one batch: the confusion matrix and, where the data has per-pixel object sizes,
-  the attention weight summed per size bin."""
+  """Mergeable statistics of one batch: the confusion matrix and, where the data has per-pixel object sizes, per
+  size bin the fusion weights and the correct pixels of the fused and of every scale's own prediction."""
   cfg = setup.config
   out = predict_scores(params, batch["image"], setup=setup, flip=cfg.eval.flip)
   size = batch["image"].shape[1:3]
   pred = jnp.argmax(resize.resize_bilinear(out.fused.astype(jnp.float32), size), axis=-1)
-  stats = {"confusion": metrics.confusion_matrix(pred, batch["label"], setup.num_classes, mask=batch["mask"])}
+  label = batch["label"]
+  stats = {"confusion": metrics.confusion_matrix(pred, label, setup.num_classes, mask=batch["mask"])}
   if "instance_size" in batch:
-    weights = resize.resize_bilinear(out.weights.astype(jnp.float32), size)
     bins = tuple(cfg.eval.size_bins)
-    size_map = jnp.where(batch["mask"], batch["instance_size"], -1.0)
-    stats["weight_sum"], stats["pixel_count"] = metrics.attention_by_size(weights, size_map, bins)
+    counted = batch["mask"] & (label != cfg.loss.ignore_label)
+    size_map = jnp.where(counted, batch["instance_size"], -1.0)
+    weights = resize.resize_bilinear(out.weights.astype(jnp.float32), size)
+    per_scale = jnp.argmax(resize.resize_bilinear(out.per_scale.astype(jnp.float32), size), axis=-1)  # [B,H,W,S]
+    correct = jnp.concatenate([pred[..., None], per_scale], axis=-1) == label[..., None]
+    stats["weight_sum"], stats["pixel_count"] = metrics.sum_by_size(weights, size_map, bins)
+    stats["correct_sum"], _ = metrics.sum_by_size(correct, size_map, bins)
   return stats
 
 
@@ -118,8 +123,11 @@ def evaluate_split(p_eval: Callable, params: Any, setup: Setup, batches: Iterato
   totals = jax.device_get(totals)
   result = metrics.summarize(metrics.compute_iou(totals["confusion"]), class_names)
   if "weight_sum" in totals:
-    result.update(metrics.summarize_attention(totals["weight_sum"], totals["pixel_count"],
-                                              tuple(setup.config.model.scales), tuple(setup.config.eval.size_bins)))
+    scales = tuple(f"scale_{s:g}" for s in setup.config.model.scales)
+    bins = tuple(setup.config.eval.size_bins)
+    result.update(metrics.summarize_by_size(totals["weight_sum"], totals["pixel_count"], "attention", scales, bins))
+    result.update(metrics.summarize_by_size(totals["correct_sum"], totals["pixel_count"], "accuracy",
+                                            ("fused",) + scales, bins))
   return result
 
 

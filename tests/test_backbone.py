@@ -55,13 +55,15 @@ def test_max_pool_is_caffe_ceil_mode(stride, size):
   np.testing.assert_array_equal(max_pool_3x3(jnp.asarray(x), stride), ref.max_pool(x, stride))
 
 
-def test_forward_matches_numpy():
-  model = DeepLabLargeFOV(4, **TINY)
+@pytest.mark.parametrize("conv5_dilation", [2, 1])
+def test_forward_matches_numpy(conv5_dilation):
+  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation)
   x = np.random.default_rng(1).normal(size=(2, 35, 27, 3)).astype(np.float32)
   variables = ref.random_variables(model, x, train=False)
   scores, fc7 = _apply(model)(variables, x, train=False)
   params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
-  ref_scores, ref_fc7 = ref.largefov(params, x.astype(np.float64), TINY["block_depths"], TINY["fc6_dilation"])
+  ref_scores, ref_fc7 = ref.largefov(params, x.astype(np.float64), TINY["block_depths"], TINY["fc6_dilation"],
+                                     conv5_dilation)
   assert scores.shape == (2, 6, 5, 4) == ref_scores.shape  # 35 -> 18 -> 10 -> 6, 27 -> 14 -> 8 -> 5
   np.testing.assert_allclose(fc7, ref_fc7, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)

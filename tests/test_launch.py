@@ -1,7 +1,10 @@
-"""The launchers parse, and the Colab notebook runs top to bottom on CPU with smoke = True."""
+"""The launchers parse, the Colab notebook runs top to bottom on CPU with smoke = True, and the ablation grid runs,
+resumes and reports on the smoke data."""
+import json
 import os
 import shutil
 import subprocess
+import sys
 
 import nbformat
 import pytest
@@ -37,3 +40,26 @@ def test_colab_notebook_smoke(tmp_path):
   assert "miou" in outputs and "(2, 32, 32, 3) (2, 32, 32, 2)" in outputs
   assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_ablation_grid_runs_resumes_and_reports(tmp_path):
+  """Two cells of the reduced grid on the smoke data: results, tables and figures written; a second invocation
+  reuses the finished runs instead of training again."""
+  command = [sys.executable, os.path.join(LAUNCH, "ablation.py"), "--config=configs/shapes.py:smoke",
+             f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--reduced", "--cells=baseline,s2-attention-esupv",
+             "--workers=1", f"--workdir={tmp_path / 'runs'}", f"--results={tmp_path / 'results'}", "--examples=2"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+  result_file = tmp_path / "runs" / "s2-attention-esupv" / "seed_0" / "result.json"
+  first = result_file.stat().st_mtime_ns
+  summary = json.loads((tmp_path / "results" / "ablation.json").read_text())
+  assert set(summary["cells"]) == {"baseline", "s2-attention-esupv"}
+  cell = summary["cells"]["s2-attention-esupv"]
+  assert cell["seeds"] == 1 and 0.0 <= cell["test_miou_mean"] <= 1.0 and cell["test_miou_std"] == 0.0
+  assert abs(sum(cell["by_size"][f"attention/background/scale_{s}"] for s in ("1", "0.5")) - 1.0) < 1e-4
+  table = (tmp_path / "results" / "ablation.md").read_text()
+  assert "| s2-attention-esupv | 1-0.5 | attention | yes |" in table and "55.85" in table  # beside the paper's
+  for figure in ("attention_vs_size.png", "attention_examples.png"):
+    assert (tmp_path / "results" / figure).stat().st_size > 10_000
+  subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+  assert result_file.stat().st_mtime_ns == first

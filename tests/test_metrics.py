@@ -176,17 +176,17 @@ def loop_bin(size):
   return 1 + len(BINS)
 
 
-def test_attention_by_size_hand_fixture():
+def test_sum_by_size_hand_fixture():
   weights = np.array([[[[0.2, 0.8], [0.6, 0.4], [1.0, 0.0]],
                        [[0.5, 0.5], [0.9, 0.1], [0.3, 0.7]]]])
   size = np.array([[[0, 5, 16], [100, -1, 0]]])  # 16 falls in [16, 32); -1 is padding
-  weight_sum, count = metrics.attention_by_size(weights, size, BINS)
+  weight_sum, count = metrics.sum_by_size(weights, size, BINS)
   np.testing.assert_allclose(weight_sum, [[0.5, 1.5], [0.6, 0.4], [1.0, 0.0], [0, 0], [0.5, 0.5]], rtol=1e-6)
   np.testing.assert_array_equal(count, [2, 1, 1, 0, 1])
   assert count.dtype == jnp.int32
 
 
-def test_attention_by_size_against_loop_and_merge():
+def test_sum_by_size_against_loop_and_merge():
   rng = np.random.default_rng(3)
   shape, num_scales = (2, 6, 7), 3
   weights = rng.dirichlet(np.ones(num_scales), size=shape)
@@ -197,30 +197,30 @@ def test_attention_by_size_against_loop_and_merge():
     if b is not None:
       want_sum[b] += w
       want_count[b] += 1
-  halves = [metrics.attention_by_size(weights[i:i + 1], size[i:i + 1], BINS) for i in range(2)]
+  halves = [metrics.sum_by_size(weights[i:i + 1], size[i:i + 1], BINS) for i in range(2)]
   merged = jax.tree.map(jnp.add, *halves)
-  for got_sum, got_count in (metrics.attention_by_size(weights, size, BINS), merged):
+  for got_sum, got_count in (metrics.sum_by_size(weights, size, BINS), merged):
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5)
     np.testing.assert_array_equal(got_count, want_count)
 
 
-def test_attention_by_size_rejects_bad_bins_and_shapes():
+def test_sum_by_size_rejects_bad_bins_and_shapes():
   with pytest.raises(ValueError, match="strictly increasing"):
-    metrics.attention_by_size(np.ones((1, 2, 2, 2)), np.ones((1, 2, 2)), (32, 16))
+    metrics.sum_by_size(np.ones((1, 2, 2, 2)), np.ones((1, 2, 2)), (32, 16))
   with pytest.raises(ValueError, match="positive"):
-    metrics.attention_by_size(np.ones((1, 2, 2, 2)), np.ones((1, 2, 2)), ())
+    metrics.sum_by_size(np.ones((1, 2, 2, 2)), np.ones((1, 2, 2)), ())
   with pytest.raises(ValueError, match="instance_size"):
-    metrics.attention_by_size(np.ones((1, 2, 3, 2)), np.ones((1, 2, 2)), BINS)
+    metrics.sum_by_size(np.ones((1, 2, 3, 2)), np.ones((1, 2, 2)), BINS)
 
 
-def test_summarize_attention():
+def test_summarize_by_size():
   weight_sum = np.array([[3.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.5, 1.5], [2.0, 0.0]])
   count = np.array([4, 0, 2, 2, 2])
-  out = metrics.summarize_attention(weight_sum, count, (1.0, 0.5), BINS)
+  out = metrics.summarize_by_size(weight_sum, count, "attention", ("scale_1", "scale_0.5"), BINS)
   assert metrics.size_bin_names(BINS) == ("background", "size_0-16", "size_16-32", "size_32-64", "size_64+")
   assert out["attention/background/scale_1"] == 0.75 and out["attention/background/scale_0.5"] == 0.25
-  assert out["attention/size_32-64/scale_0.5"] == 0.75 and out["attention/size_64+/pixels"] == 2.0
-  assert np.isnan(out["attention/size_0-16/scale_1"]) and out["attention/size_0-16/pixels"] == 0.0
+  assert out["attention/size_32-64/scale_0.5"] == 0.75 and out["pixels/size_64+"] == 2.0
+  assert np.isnan(out["attention/size_0-16/scale_1"]) and out["pixels/size_0-16"] == 0.0
   assert len(out) == 5 * 3
-  with pytest.raises(ValueError, match="weight_sum"):
-    metrics.summarize_attention(weight_sum, count, (1.0, 0.75, 0.5), BINS)
+  with pytest.raises(ValueError, match="sums"):
+    metrics.summarize_by_size(weight_sum, count, "attention", ("scale_1", "scale_0.75", "scale_0.5"), BINS)

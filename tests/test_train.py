@@ -109,3 +109,37 @@ def test_predict_writes_files(data_dir, tmp_path, fusion):
     assert f"{stem}_weights_s1.png" in names and f"{stem}_weights_s0.5.png" in names
   seg = np.asarray(Image.open(tmp_path / "out" / "a_seg.png"))
   assert seg.shape == (50, 70) and seg.max() < config.model.num_classes
+
+
+def test_eval_step_size_statistics_against_numpy(data_dir):
+  """Per size bin: fusion weights and correct pixels of the fused and per-scale predictions, recomputed in NumPy
+  from the model's raw outputs (align-corners upsampling, argmax, binning by hand); padding and 255 not counted."""
+  import numpy_reference as ref
+  config = smoke_config(data_dir)
+  config.eval.size_bins = (8, 24)
+  setup = build(config)
+  params = setup.init_state(jax.random.key(3)).params
+  rng = np.random.default_rng(0)
+  b, size, c = 4, config.input.eval_size, config.model.num_classes
+  batch = {"image": rng.normal(0, 60, (b, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, c, (b, size, size)).astype(np.int32),
+           "mask": np.ones((b, size, size), bool),
+           "instance_size": rng.choice([0.0, 5.0, 8.0, 20.0, 40.0], (b, size, size)).astype(np.float32)}
+  batch["mask"][:, -7:] = False
+  batch["label"][:, :3] = 255
+  _, p_eval = train.jit_steps(setup)
+  stats = jax.device_get(p_eval(params, sharding.global_batch(setup.mesh, batch)))
+  out = setup.model.apply({"params": params}, batch["image"], train=False)
+  up = lambda x: ref.bilinear(np.asarray(x, np.float64), (size, size))
+  weights, fused, per_scale = up(out.weights), up(out.fused).argmax(-1), up(out.per_scale).argmax(-1)
+  correct = np.concatenate([fused[..., None], per_scale], -1) == batch["label"][..., None]
+  want_w, want_c, want_n = np.zeros((4, 2)), np.zeros((4, 3)), np.zeros(4)
+  for idx in zip(*np.nonzero(batch["mask"] & (batch["label"] != 255)), strict=True):
+    s = batch["instance_size"][idx]
+    k = 0 if s == 0 else 1 + int(s >= 8) + int(s >= 24)
+    want_w[k] += weights[idx]
+    want_c[k] += correct[idx]
+    want_n[k] += 1
+  np.testing.assert_array_equal(stats["pixel_count"], want_n)
+  np.testing.assert_allclose(stats["weight_sum"], want_w, rtol=1e-4)
+  assert np.all(np.abs(stats["correct_sum"] - want_c) <= 0.002 * want_n[:, None])  # argmax ties flip by rounding

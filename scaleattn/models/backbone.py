@@ -39,6 +39,7 @@ class DeepLabLargeFOV(nn.Module):
   block_widths: Sequence[int] = (64, 128, 256, 512, 512)
   block_depths: Sequence[int] = (2, 2, 3, 3, 3)
   fc_width: int = 1024
+  conv5_dilation: int = 2
   fc6_dilation: int = 12
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
@@ -68,7 +69,7 @@ class DeepLabLargeFOV(nn.Module):
     x = images.astype(self.dtype)
     for block, (width, depth) in enumerate(zip(self.block_widths, self.block_depths, strict=True), start=1):
       for i in range(1, depth + 1):
-        x = nn.relu(conv(width, 3, 2 if block == 5 else 1, f"conv{block}_{i}")(x))
+        x = nn.relu(conv(width, 3, self.conv5_dilation if block == 5 else 1, f"conv{block}_{i}")(x))
         x = confine(x, 0.0 if i < depth else -jnp.inf)  # the block's last conv feeds the pool
       stride = 2 if block <= 3 else 1
       x = max_pool_3x3(x, stride)

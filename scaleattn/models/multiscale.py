@@ -46,29 +46,33 @@ class MultiScaleNet(nn.Module):
   block_widths: Sequence[int] = (64, 128, 256, 512, 512)
   block_depths: Sequence[int] = (2, 2, 3, 3, 3)
   fc_width: int = 1024
+  conv5_dilation: int = 2
   fc6_dilation: int = 12
   dropout_rate: float = 0.5
   attention_hidden: int = 512
   attention_dropout: float = 0.5
   scale_execution: str = "loop"
+  input_scale: float = 1.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> MultiScaleOutput:
-    """images [B, H, W, 3] (mean-subtracted) -> MultiScaleOutput; dropout uses the 'dropout' rng when training."""
+    """images [B, H, W, 3] (mean-subtracted, then multiplied by input_scale) -> MultiScaleOutput; dropout uses the
+    'dropout' rng when training."""
     scales = tuple(float(s) for s in self.scales)
     if not scales or scales[0] != 1.0:
       raise ValueError(f"MultiScaleNet.scales={scales}: expected the first scale to be 1.0 (it sets the output grid)")
     if self.scale_execution not in SCALE_EXECUTIONS:
       raise ValueError(f"MultiScaleNet.scale_execution={self.scale_execution!r}: expected one of {SCALE_EXECUTIONS}")
+    images = images * self.input_scale if self.input_scale != 1.0 else images
     height, width = images.shape[1:3]
     sizes = [(resize.scaled_size(height, s), resize.scaled_size(width, s)) for s in scales]
     out_sizes = [(resize.output_size(h), resize.output_size(w)) for h, w in sizes]
     inputs = [resize.resize_bilinear(images, size) for size in sizes]
     backbone = DeepLabLargeFOV(self.num_classes, block_widths=tuple(self.block_widths),
                                block_depths=tuple(self.block_depths), fc_width=self.fc_width,
-                               fc6_dilation=self.fc6_dilation, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                               name="backbone")
+                               conv5_dilation=self.conv5_dilation, fc6_dilation=self.fc6_dilation,
+                               dropout_rate=self.dropout_rate, dtype=self.dtype, name="backbone")
     if self.scale_execution == "loop":
       outs = [backbone(x, train=train) for x in inputs]
     else:
@@ -100,5 +104,6 @@ def build_model(cfg: ml_collections.ConfigDict) -> MultiScaleNet:
   return MultiScaleNet(
       num_classes=cfg.num_classes, scales=tuple(float(s) for s in cfg.scales), fusion=cfg.fusion,
       block_widths=tuple(cfg.block_widths), block_depths=tuple(cfg.block_depths), fc_width=cfg.fc_width,
-      fc6_dilation=cfg.fc6_dilation, dropout_rate=cfg.dropout_rate, attention_hidden=cfg.attention_hidden,
-      attention_dropout=cfg.attention_dropout, scale_execution=cfg.scale_execution, dtype=DTYPES[cfg.dtype])
+      conv5_dilation=cfg.conv5_dilation, fc6_dilation=cfg.fc6_dilation, dropout_rate=cfg.dropout_rate,
+      attention_hidden=cfg.attention_hidden, attention_dropout=cfg.attention_dropout,
+      scale_execution=cfg.scale_execution, input_scale=cfg.input_scale, dtype=DTYPES[cfg.dtype])
