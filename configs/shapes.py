@@ -2,7 +2,7 @@
 
 The backbone is DeepLab-LargeFOV's structure made small: five one-conv blocks (16-64 channels) with its three
 stride-2 and two stride-1 pools, conv5 and fc6 undilated. Its receptive field at scale 1 is small next to the
-largest objects (up to 96 px), and the smallest (12 px) shrink to 6 px at scale 0.5, so neither scale alone
+largest objects (up to 96 px), and the smallest (8 px) shrink to 4 px at scale 0.5, so neither scale alone
 sees every object well.
 
   python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~10 min on 2 cores

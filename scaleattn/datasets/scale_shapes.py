@@ -44,8 +44,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
 CONFIGS = (
     ShapesConfig(name="default", description="3000 train / 200 validation / 300 test, 161-193 px images"),
     ShapesConfig(name="small", description="4000 train / 300 validation / 500 test, 97-113 px images, objects "
-                 "12-96 px (configs/shapes.py)", num_train=4000, num_validation=300, num_test=500, min_image=97,
-                 max_image=113, min_object=12.0, max_object=96.0),
+                 "8-96 px (configs/shapes.py)", num_train=4000, num_validation=300, num_test=500, min_image=97,
+                 max_image=113, min_object=8.0, max_object=96.0),
     ShapesConfig(name="smoke", description="32/8/8 examples of 65-81 px, for tests", num_train=32,
                  num_validation=8, num_test=8, min_image=65, max_image=81, min_object=6.0, max_object=60.0),
 )
