@@ -36,6 +36,8 @@ class Checkpoints:
         cleanup_tmp_directories=True,
     )
     self.directory = os.fspath(directory)
+    if "://" not in self.directory:  # Orbax's async saves need absolute local paths
+      self.directory = os.path.abspath(self.directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

@@ -33,6 +33,17 @@ def test_keeps_latest_and_best(tmp_path):
   ckpts.close()
 
 
+def test_relative_directory(tmp_path, monkeypatch):
+  """A workdir given relative to the current directory (as on the command line) saves and restores."""
+  monkeypatch.chdir(tmp_path)
+  ckpts = checkpointing.Checkpoints("runs/ckpt", _cfg())
+  ckpts.save(2, _state(2))
+  ckpts.wait_until_finished()
+  assert ckpts.all_steps() == [2] and os.path.isdir(tmp_path / "runs" / "ckpt" / "2")
+  np.testing.assert_array_equal(ckpts.restore(jax.eval_shape(lambda: _state(0)))["w"], np.full((4, 3), 2.0))
+  ckpts.close()
+
+
 def test_restore_onto_a_mesh_and_skip_broken(tmp_path):
   ckpts = checkpointing.Checkpoints(tmp_path / "ckpt", _cfg(keep_checkpoints=3, keep_best=0))
   for step in (2, 4):
