@@ -41,7 +41,11 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required unless --exported gives a model with its config.")
   if FLAGS.mode == "train":
-    result = train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+    except train.Preempted as e:  # a clean exit: the scheduler restarts the job, which resumes
+      logging.warning("%s", e)
+      return
   elif FLAGS.mode == "eval":
     result = train.evaluate(config, FLAGS.workdir, params=params)
   else:

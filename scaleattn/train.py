@@ -190,8 +190,19 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+class Preempted(Exception):
+  """SIGTERM (or the cluster's preemption notice) stopped training after checkpointing `step`; rerun to resume."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: checkpoint at step {step} written; run again to resume")
+    self.step = step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains with periodic evaluation and checkpoints; resumes from `workdir`; returns the last eval metrics."""
+  """Trains with periodic evaluation and checkpoints; resumes from `workdir`; returns the last eval metrics.
+
+  Raises `Preempted` when stopped early by SIGTERM, so a caller never takes a stopped run for a finished one.
+  """
   setup = build(config)
   data = input_pipeline.create_datasets(config)
   config_validation.check_num_classes(config, data.class_names)
@@ -249,12 +260,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpts.save(done, state, metrics={checkpointing.BEST_METRIC: eval_result["miou"]} if eval_now else None,
                    force=eval_now or preempted)
         if preempted:
-          logging.warning("Preempted: checkpoint at step %d written; exiting.", done)
           break
   finally:  # an async save in flight completes whatever ends the loop
     ckpts.wait_until_finished()
     ckpts.close()
-  if is_main and config.eval.num_examples and int(state.step) == num_steps:
+  if int(state.step) < num_steps:
+    raise Preempted(int(state.step))
+  if is_main and config.eval.num_examples:
     batch = next(iter(data.eval_batches(config.dataset.eval_split)))
     predict.save_eval_examples(setup, jax.device_get(state.params), batch, os.path.join(workdir, "examples"),
                                config.eval.num_examples)

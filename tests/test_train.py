@@ -3,6 +3,7 @@ sharding does not change the step; a restarted run ends where an uninterrupted o
 import glob
 import json
 import os
+import signal
 
 import jax
 import ml_collections
@@ -76,6 +77,30 @@ def test_restart_resumes_exactly(data_dir, tmp_path):
   a, b = _final_params(straight, config), _final_params(interrupted, config)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_checkpoints_then_raises_preempted(data_dir, tmp_path, monkeypatch):
+  """SIGTERM during step 2: a checkpoint at step 2, then `Preempted` (never a normal return); a rerun finishes."""
+  config = smoke_config(data_dir, **{"train.eval_every_steps": 100, "train.checkpoint_every_steps": 100,
+                                     "eval.num_examples": 0})
+  jit_steps = train.jit_steps
+
+  def sigterm_during_step_2(setup):
+    p_train, p_eval = jit_steps(setup)
+
+    def step(state, batch, rng):
+      if int(state.step) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return p_train(state, batch, rng)
+    return step, p_eval
+
+  monkeypatch.setattr(train, "jit_steps", sigterm_during_step_2)
+  with pytest.raises(train.Preempted) as stopped:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert stopped.value.step == 2
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
+  monkeypatch.undo()
+  assert 0.0 <= train.train_and_evaluate(config, str(tmp_path))["miou"] <= 1.0
 
 
 def test_fusion_override_changes_parameter_tree(data_dir):
