@@ -5,7 +5,7 @@ stride-2 and two stride-1 pools, conv5 and fc6 undilated. Its receptive field at
 largest objects (up to 96 px), and the smallest (8 px) shrink to 4 px at scale 0.5, so neither scale alone
 sees every object well.
 
-  python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~10 min on 2 cores
+  python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~5 min on 2 cores
   python -m scaleattn.main --config=configs/shapes.py:ablation --workdir=W                 # one ablation cell
   python -m scaleattn.main --config=configs/shapes.py:smoke --workdir=/tmp/smoke           # < 1 minute, for tests
 """
