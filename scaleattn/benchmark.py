@@ -4,13 +4,19 @@ For each scale set x precision x scale-execution path it times the jitted train 
 of `--steps` steps after the compiling one; compile time apart), images/s, achieved GFLOP/s from XLA's cost
 analysis against the same machine's dense matmul peak measured in the same run (float32, and bfloat16 for bf16
 cases), and peak memory (the device's, or XLA's buffer assignment on CPU); then the eval step on whole `eval_size` images.
+With `--profile_dir` it also traces each case with `jax.profiler` (open the trace in Perfetto or TensorBoard) and
+records where the step's time goes: milliseconds per step by kind of XLA operation.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,6 +43,9 @@ flags.DEFINE_list("scale_execution", ["loop", "vmap"], "Scale-execution paths to
 flags.DEFINE_list("precision", ["float32"], "Compute dtypes to time (float32, bfloat16).")
 flags.DEFINE_list("scales", [], "Scale sets to time, e.g. '1' and '1-0.75-0.5' (default: the config's).")
 flags.DEFINE_string("out", "", "JSON file to write.")
+flags.DEFINE_string("profile_dir", "", "If set, trace --profile_steps steps of each case into a subdirectory of "
+                    "this one and record the time per kind of XLA operation.")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced per case with --profile_dir.")
 
 
 def matmul_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
@@ -128,6 +137,48 @@ def _peak_memory(compiled) -> dict:
   return {"peak_memory_bytes": int(total), "peak_memory_source": "xla_buffer_assignment"}
 
 
+def op_kind(name: str) -> str:
+  """An XLA instruction's kind: its name without the numeric suffix ('ynn_fusion.12' -> 'ynn_fusion')."""
+  return re.sub(r"(\.\d+)+$", "", name)
+
+
+def time_by_op_kind(trace_dir: str, hlo_text: str, steps: int) -> dict[str, float]:
+  """Milliseconds per step by kind of XLA operation, from the newest `*.trace.json.gz` under `trace_dir`.
+
+  Only events named after an instruction of `hlo_text` count (an event's name, or its `hlo_op` argument where a
+  device names kernels differently); operations that overlap in time are each counted in full, so the sum can
+  exceed the step time when the runtime runs independent operations concurrently.
+  """
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+  if not files:
+    raise FileNotFoundError(f"benchmark.py: no *.trace.json.gz under profile directory {trace_dir!r}; expected "
+                            "the trace jax.profiler writes")
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  instructions = set(re.findall(r"%([\w.\-]+) = ", hlo_text))
+  total_us = collections.Counter()
+  for event in events:
+    if event.get("ph") != "X" or "dur" not in event:
+      continue
+    name = event.get("args", {}).get("hlo_op") or event.get("name", "")
+    if name in instructions:
+      total_us[op_kind(name)] += event["dur"]
+  return {kind: us / steps / 1e3 for kind, us in total_us.most_common()}
+
+
+def profile(runner: tuple[Callable[[], None], Any, float], trace_dir: str, steps: int) -> dict[str, float]:
+  """Traces `steps` runs of an already warm runner into `trace_dir`; returns `time_by_op_kind`."""
+  run, compiled, _ = runner
+  jax.profiler.start_trace(trace_dir)
+  try:
+    for _ in range(steps):
+      run()
+  finally:
+    jax.profiler.stop_trace()
+  return time_by_op_kind(trace_dir, compiled.as_text(), steps)
+
+
 def environment() -> dict:
   """Where the numbers come from: device, host, versions, commit, XLA flags."""
   try:
@@ -162,9 +213,12 @@ def main(argv):
           runs.append(("eval", FLAGS.eval_batch_size, config.input.eval_size,
                        functools.partial(eval_runner, config, FLAGS.eval_batch_size)))
         for kind, batch_size, size, runner in runs:
+          built = runner()
           case = {"name": f"{kind}-{len(scales)}scale-{common['fusion']}-{execution}-{precision}", "kind": kind,
-                  "batch_size": batch_size, "image_size": size, **common,
-                  **measure(runner(), batch_size, FLAGS.steps)}
+                  "batch_size": batch_size, "image_size": size, **common, **measure(built, batch_size, FLAGS.steps)}
+          if FLAGS.profile_dir:
+            case["ms_per_step_by_op_kind"] = profile(built, os.path.join(FLAGS.profile_dir, case["name"]),
+                                                     FLAGS.profile_steps)
           print(json.dumps(case), flush=True)
           cases.append(case)
   if FLAGS.out:

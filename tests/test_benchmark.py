@@ -1,6 +1,7 @@
 """The benchmark CLI writes the record the README's performance table is built from: one case per scale set x
 precision x scale-execution path (train, then eval), with self-consistent rates and a memory figure no smaller
 than the training state it must hold."""
+import gzip
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 
 from configs import shapes
+from scaleattn import benchmark
 from scaleattn.state import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +23,8 @@ def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, "-m", "scaleattn.benchmark", "--config=configs/shapes.py:smoke", "--steps=2",
                   "--scales=1,1-0.5", "--scale_execution=loop,vmap", "--precision=float32", "--batch_size=4",
-                  "--eval_batch_size=4", f"--out={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600,
+                  "--eval_batch_size=4", f"--out={out}",
+                  f"--profile_dir={tmp_path / 'profile'}", "--profile_steps=2"], cwd=ROOT, check=True, capture_output=True, timeout=600,
                  env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   record = json.loads(out.read_text())
   cases = {c["name"]: c for c in record["cases"]}
@@ -48,3 +51,32 @@ def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
   state_bytes = 3 * 4 * sum(x.size for x in jax.tree.leaves(params))
   assert cases["train-2scale-attention-loop-float32"]["peak_memory_bytes"] >= state_bytes
   assert record["cases"] and record["jax"] == jax.__version__
+  # Every case was traced, and the trace accounts for a real share of its step time.
+  for c in cases.values():
+    by_kind = c["ms_per_step_by_op_kind"]
+    assert by_kind and min(by_kind.values()) > 0, c["name"]
+    assert sum(by_kind.values()) > 0.2 * 1e3 * c["median_step_s"], c["name"]
+    assert (tmp_path / "profile" / c["name"]).is_dir()
+
+
+def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_path):
+  hlo = """HloModule m
+  %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c1
+  %fusion.12 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c2
+  ROOT %convolution.3 = f32[4]{0} convolution(%a, %b)
+"""
+  events = [
+      {"ph": "X", "name": "fusion.1", "ts": 0, "dur": 3000},
+      {"ph": "X", "name": "fusion.12", "ts": 5, "dur": 1000},
+      {"ph": "X", "name": "fusion.1", "ts": 9000, "dur": 2000},
+      {"ph": "X", "name": "kernel_abc", "args": {"hlo_op": "convolution.3"}, "ts": 0, "dur": 8000},
+      {"ph": "X", "name": "$python frame", "ts": 0, "dur": 99000},  # not an instruction
+      {"ph": "X", "name": "fusion.7", "ts": 0, "dur": 99000},  # not in this program
+      {"ph": "i", "name": "fusion.1", "ts": 0},  # an instant, no duration
+  ]
+  trace_dir = tmp_path / "plugins" / "profile" / "run"
+  trace_dir.mkdir(parents=True)
+  with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  # Two traced steps: fusion 3 + 1 + 2 ms, convolution 8 ms, halved.
+  assert benchmark.time_by_op_kind(str(tmp_path), hlo, steps=2) == {"convolution": 4.0, "fusion": 3.0}
