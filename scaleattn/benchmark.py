@@ -149,11 +149,11 @@ def time_by_op_kind(trace_dir: str, hlo_text: str, steps: int) -> dict[str, floa
   device names kernels differently); operations that overlap in time are each counted in full, so the sum can
   exceed the step time when the runtime runs independent operations concurrently.
   """
-  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
   if not files:
     raise FileNotFoundError(f"benchmark.py: no *.trace.json.gz under profile directory {trace_dir!r}; expected "
                             "the trace jax.profiler writes")
-  with gzip.open(files[-1]) as f:
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   instructions = set(re.findall(r"%([\w.\-]+) = ", hlo_text))

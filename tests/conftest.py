@@ -19,11 +19,8 @@ NUM_TEST_DEVICES = 4
 @pytest.fixture(autouse=True, scope="session")
 def _session_tempdir(tmp_path_factory):
   """Keeps temporary files inside pytest's directory: TFDS leaves an empty one behind per unprepared builder."""
-  saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
-  tempfile.tempdir = os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tempfile"))
-  yield
-  tempfile.tempdir = saved_tempdir
-  if saved_env is None:
-    del os.environ["TMPDIR"]
-  else:
-    os.environ["TMPDIR"] = saved_env
+  path = str(tmp_path_factory.mktemp("tempfile"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tempfile, "tempdir", path)
+    patch.setenv("TMPDIR", path)
+    yield

@@ -23,8 +23,8 @@ def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, "-m", "scaleattn.benchmark", "--config=configs/shapes.py:smoke", "--steps=2",
                   "--scales=1,1-0.5", "--scale_execution=loop,vmap", "--precision=float32", "--batch_size=4",
-                  "--eval_batch_size=4", f"--out={out}",
-                  f"--profile_dir={tmp_path / 'profile'}", "--profile_steps=2"], cwd=ROOT, check=True, capture_output=True, timeout=600,
+                  "--eval_batch_size=4", f"--out={out}", f"--profile_dir={tmp_path / 'profile'}",
+                  "--profile_steps=2"], cwd=ROOT, check=True, capture_output=True, timeout=600,
                  env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   record = json.loads(out.read_text())
   cases = {c["name"]: c for c in record["cases"]}
