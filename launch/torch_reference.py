@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from scaleattn import benchmark
+from scaleattn import benchmark, host_memory
 
 FLAGS = flags.FLAGS  # --config, --scales, --batch_size and --out are scaleattn.benchmark's
 flags.DEFINE_integer("rounds", 10, "Timed rounds (one step of each framework per round) after warm-up.")
@@ -124,6 +124,7 @@ def torch_step_fn(config, batch_size: int, channels_last: bool):
 
 def main(argv):
   del argv
+  retained = FLAGS.retain_host_memory and host_memory.retain_freed_memory()  # for both frameworks: one process
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   results = []
@@ -145,7 +146,7 @@ def main(argv):
         times[name].append(time.perf_counter() - t)
     row = {"scales": list(scales), "fusion": config.model.fusion, "batch_size": FLAGS.batch_size,
            "crop_size": config.input.crop_size, "torch_channels_last": FLAGS.channels_last, "torch": torch.__version__,
-           "torch_threads": torch.get_num_threads(), "pause_s": FLAGS.pause_s}
+           "torch_threads": torch.get_num_threads(), "pause_s": FLAGS.pause_s, "host_memory_retained": retained}
     for name, ts in times.items():
       row[f"{name}_median_s"], row[f"{name}_times_s"] = float(np.median(ts)), ts
     if len(times) == 2:

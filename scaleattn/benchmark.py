@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scaleattn import sharding, train
+from scaleattn import host_memory, sharding, train
 from scaleattn.state import build
 
 FLAGS = flags.FLAGS
@@ -194,6 +194,7 @@ def environment() -> dict:
 
 def main(argv):
   del argv
+  retained = FLAGS.retain_host_memory and host_memory.retain_freed_memory()
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   peaks = {p: matmul_peak_gflops(p) for p in FLAGS.precision}
@@ -223,7 +224,7 @@ def main(argv):
           cases.append(case)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({**environment(), "cases": cases}, f, indent=2)
+      json.dump({**environment(), "host_memory_retained": retained, "cases": cases}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only dat
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scaleattn import distributed
+from scaleattn import distributed, host_memory
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:smoke.",
@@ -29,6 +29,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.retain_host_memory:
+    host_memory.retain_freed_memory()
   import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
