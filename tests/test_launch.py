@@ -77,3 +77,33 @@ def test_pipeline_throughput_measures_grain_and_tfdata_on_the_same_records(tmp_p
   import tensorflow as tf  # noqa: PLC0415
   copied = sorted((tmp_path / "tfrecord").rglob("*train.tfrecord-*"))
   assert len(copied) == 1 and sum(1 for _ in tf.data.TFRecordDataset(str(copied[0]))) == 32  # smoke: 32 train
+
+
+def test_conv_layers_reads_the_backbone_off_the_model_and_times_every_pass(tmp_path):
+  """The layer table found by intercepting the model is DeepLab-LargeFOV's on a 321 crop (written out by hand from
+  the architecture), and a smoke run records every pass of every layer with totals that add up."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  listing = subprocess.run(
+      [sys.executable, "-c", "import json; from configs import voc; from launch import conv_layers; "
+       "print(json.dumps([[*k, n] for k, n in conv_layers.backbone_layers(voc.get_config()).items()]))"],
+      cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+  # (map size, in channels, out channels, kernel, dilation, count): VGG-16 conv1-conv5 (pool4 and pool5 keep the
+  # stride at 8, conv5 dilated by 2), fc6 3x3 dilated by 12, fc7 and fc8 1x1.
+  assert sorted(map(tuple, json.loads(listing))) == sorted([
+      (321, 3, 64, 3, 1, 1), (321, 64, 64, 3, 1, 1), (161, 64, 128, 3, 1, 1), (161, 128, 128, 3, 1, 1),
+      (81, 128, 256, 3, 1, 1), (81, 256, 256, 3, 1, 2), (41, 256, 512, 3, 1, 1), (41, 512, 512, 3, 1, 2),
+      (41, 512, 512, 3, 2, 3), (41, 512, 1024, 3, 12, 1), (41, 1024, 1024, 1, 1, 1), (41, 1024, 21, 1, 1, 1)])
+  out = tmp_path / "layers.json"
+  subprocess.run([sys.executable, os.path.join(LAUNCH, "conv_layers.py"), "--config=configs/shapes.py:smoke",
+                  "--frameworks=jax", "--repeats=2", f"--out={out}"], cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  record = json.loads(out.read_text())
+  passes = ("forward", "input_grad", "weight_grad")
+  for row in record["layers"]:
+    timed = [p for p in passes if f"jax_{p}_ms" in row]
+    assert timed == (["forward", "weight_grad"] if row["cin"] == 3 else list(passes)), row
+    assert all(row[f"jax_{p}_ms"] > 0 for p in timed)
+  totals = record["seconds_per_scale1_pass"]["jax"]
+  for p in passes:
+    expected = sum(row["count"] * row.get(f"jax_{p}_ms", 0.0) for row in record["layers"]) / 1e3
+    assert totals[p] == pytest.approx(expected, abs=1e-4)
