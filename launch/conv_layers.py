@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -55,17 +54,6 @@ def backbone_layers(config) -> collections.Counter:
   return seen
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-  fn()
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def jax_passes(layer: Layer) -> dict[str, Callable[[], object]]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, layer.size, layer.size, layer.cin)), jnp.float32)
@@ -102,7 +90,7 @@ def torch_passes(layer: Layer) -> dict[str, Callable[[], object]]:
 
 def main(argv):
   del argv
-  retained = host_memory.retain_freed_memory() if FLAGS.retain_host_memory else False
+  retained = host_memory.retain_if_flagged()
   builders = {"jax": jax_passes, "torch": torch_passes}
   rows, totals = [], {fw: dict.fromkeys(PASSES, 0.0) for fw in FLAGS.frameworks}
   for layer, count in backbone_layers(FLAGS.config).items():
@@ -113,7 +101,7 @@ def main(argv):
       for name in PASSES:
         if layer.cin == 3 and name == "input_grad":
           continue  # the image needs no gradient
-        seconds = _median_s(passes[name], FLAGS.repeats)
+        seconds = float(np.median(benchmark.call_times(passes[name], FLAGS.repeats, warmup=2)))
         row[f"{fw}_{name}_ms"] = 1e3 * seconds
         totals[fw][name] += count * seconds
     print(json.dumps(row), flush=True)

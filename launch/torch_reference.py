@@ -124,7 +124,7 @@ def torch_step_fn(config, batch_size: int, channels_last: bool):
 
 def main(argv):
   del argv
-  retained = FLAGS.retain_host_memory and host_memory.retain_freed_memory()  # for both frameworks: one process
+  retained = host_memory.retain_if_flagged()  # for both frameworks: one process
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   results = []

@@ -48,17 +48,23 @@ flags.DEFINE_string("profile_dir", "", "If set, trace --profile_steps steps of e
 flags.DEFINE_integer("profile_steps", 3, "Steps traced per case with --profile_dir.")
 
 
+def call_times(fn: Callable[[], object], calls: int, warmup: int = 1) -> list[float]:
+  """Seconds taken by each of `calls` blocking calls of `fn`, after `warmup` untimed ones."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(calls):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
 def matmul_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
   """Measured dense matmul throughput of the default device: the denominator of the efficiency."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / min(times) / 1e9
+  return 2 * n**3 / min(call_times(lambda: f(a).block_until_ready(), repeats)) / 1e9
 
 
 def _random_batch(config: ml_collections.ConfigDict, batch_size: int, size: int, mask: bool) -> dict[str, np.ndarray]:
@@ -111,12 +117,7 @@ def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Cal
 def measure(runner: tuple[Callable[[], None], Any, float], batch_size: int, steps: int) -> dict:
   """Median (and min) step time over `steps` runs after one warm-up run, throughput and achieved GFLOP/s."""
   run, compiled, compile_s = runner
-  run()
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
+  times = call_times(run, steps)
   median = float(np.median(times))
   flops = _flops(compiled)
   return {"median_step_s": median, "min_step_s": float(min(times)), "compile_s": compile_s,
@@ -194,7 +195,7 @@ def environment() -> dict:
 
 def main(argv):
   del argv
-  retained = FLAGS.retain_host_memory and host_memory.retain_freed_memory()
+  retained = host_memory.retain_if_flagged()
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   peaks = {p: matmul_peak_gflops(p) for p in FLAGS.precision}

@@ -3,8 +3,9 @@
 XLA:CPU allocates an executable's temporaries afresh at every call, from one of its worker threads: 1.1 GB per
 3-scale train step at batch 1. glibc serves blocks that large with mmap and gives them back with munmap, so every
 step faults all its temporaries in again, one 4 KiB page at a time (about 280k faults per 3-scale step, 2.6 us
-each on a 2-core x86 VM). Keeping freed memory in one heap lets each step reuse the previous step's pages; the
-price is that the process's resident memory stays at its high-water mark.
+each on a 2-core x86 VM). Keeping freed memory in one heap lets most steps reuse earlier steps' pages (a step
+whose aligned request fits no hole the others left still grows the heap); the price is that the process's resident
+memory stays at its high-water mark.
 """
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def retain_freed_memory() -> bool:
     return False
   libc = ctypes.CDLL(None)
   return all([libc.mallopt(option, value) == 1 for option, value in _POLICY])
+
+
+def retain_if_flagged() -> bool:
+  """`retain_freed_memory()` unless `--retain_host_memory=false`; True if the policy took effect."""
+  return flags.FLAGS.retain_host_memory and retain_freed_memory()

@@ -29,8 +29,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.retain_host_memory:
-    host_memory.retain_freed_memory()
+  host_memory.retain_if_flagged()
   import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
