@@ -1,6 +1,10 @@
 """A 'SAME' convolution for the backbone that computes exactly what `lax.conv_general_dilated` computes, in the
 pieces that XLA's CPU kernels run fastest (measured on a 2-core x86 CPU; on other backends it is plain lax.conv).
 
+- Winograd F(2x2, 3x3) for the forward pass and input gradient of float32 3x3 convolutions with 64+ input channels
+  (a dilated one runs on its dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched
+  matmuls between small elementwise transforms; 1.3-1.7x faster than XLA's convolution from 161x161x128 to
+  41x41x512.
 - Weight gradient in row strips: XLA:CPU computes the weight gradient of a large feature map (conv1, conv2 at
   321 px) at a third of its forward speed; summing the weight gradients of ~20-row strips (each with its halo)
   is 1.3-2x faster.
@@ -21,6 +25,7 @@ from jax import lax
 STRIP_ROWS = 20  # rows per weight-gradient strip
 MIN_STRIP_PIXELS = 120 * 120  # maps smaller than this keep XLA's single weight-gradient convolution
 MAX_VALID_FRACTION = 0.8  # per-tap matmuls when the taps' valid overlap is below this share of the full work
+MIN_WINOGRAD_CHANNELS = 64  # Winograd for 3x3 convolutions with at least this many input channels
 
 
 def _conv(x: jax.Array, w: jax.Array, dilation: int, padding) -> jax.Array:
@@ -41,6 +46,7 @@ def valid_fraction(height: int, width: int, kernel: int, dilation: int) -> float
   return rows * cols / (kernel * height * kernel * width)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_by_taps(x: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
   """'SAME' convolution as one matmul per kernel tap over the output region whose input is in the image."""
   _, h, wd, _ = x.shape
@@ -56,6 +62,47 @@ def conv_by_taps(x: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
   return out
 
 
+def _taps_fwd(x, w, dilation):
+  return conv_by_taps(x, w, dilation), (x, w)
+
+
+def _taps_bwd(dilation, residuals, g):
+  """Per-tap adjoints. The weight gradients contract over pixels; autodiff's form has XLA transpose each tap's
+  slice of `g` to pixel-minor layout; here `x` is transposed once, channels first, and every tap reads a plain
+  slice of it (fc6's weight gradient at 41x41: 80 -> 63 ms)."""
+  x, w = residuals
+  _, h, wd, cin = x.shape
+  kh, kw, _, cout = w.shape
+  x_cf = jnp.transpose(x, (3, 0, 1, 2))  # [Cin, B, H, W]
+  dx = jnp.zeros_like(x)
+  dw = jnp.zeros_like(w)
+  for ky, (oy, r0, r1) in enumerate(_tap_ranges(h, kh, dilation)):
+    for kx, (ox, c0, c1) in enumerate(_tap_ranges(wd, kw, dilation)):
+      if r0 >= r1 or c0 >= c1:
+        continue
+      g_tap = g[:, r0:r1, c0:c1]
+      x_tap = x_cf[:, :, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
+      dw = dw.at[ky, kx].set(jnp.dot(x_tap.reshape(cin, -1), g_tap.reshape(-1, cout)))
+      dx = dx.at[:, r0 + oy:r1 + oy, c0 + ox:c1 + ox].add(jnp.einsum("bhwo,co->bhwc", g_tap, w[ky, kx]))
+  return dx, dw
+
+
+conv_by_taps.defvjp(_taps_fwd, _taps_bwd)
+
+
+def _weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, dilation: int, strips: int) -> jax.Array:
+  """d<conv(x, w), g>/dw, as the sum of `strips` row strips' weight gradients (each strip with its halo)."""
+  pad = dilation * (w.shape[0] // 2)
+  rows = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+  edges = np.linspace(0, x.shape[1], strips + 1).astype(int)
+  dw = None
+  for a, b in zip(edges[:-1], edges[1:], strict=True):
+    strip = rows[:, a:b + 2 * pad]  # output rows a..b-1 read these input rows, halo included
+    (part,) = jax.vjp(lambda w_, s=strip: _conv(s, w_, dilation, ((0, 0), (pad, pad))), w)[1](g[:, a:b])
+    dw = part if dw is None else dw + part
+  return dw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_strip_wgrad(x: jax.Array, w: jax.Array, dilation: int, strips: int) -> jax.Array:
   return _conv(x, w, dilation, "SAME")
@@ -67,19 +114,81 @@ def _strip_fwd(x, w, dilation, strips):
 
 def _strip_bwd(dilation, strips, residuals, g):
   x, w = residuals
-  pad = dilation * (w.shape[0] // 2)
   (dx,) = jax.vjp(lambda x_: _conv(x_, w, dilation, "SAME"), x)[1](g)
-  rows = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
-  edges = np.linspace(0, x.shape[1], strips + 1).astype(int)
-  dw = None
-  for a, b in zip(edges[:-1], edges[1:], strict=True):
-    strip = rows[:, a:b + 2 * pad]  # output rows a..b-1 read these input rows, halo included
-    (part,) = jax.vjp(lambda w_, s=strip: _conv(s, w_, dilation, ((0, 0), (pad, pad))), w)[1](g[:, a:b])
-    dw = part if dw is None else dw + part
-  return dx, dw
+  return dx, _weight_grad(x, w, g, dilation, strips)
 
 
 _conv_strip_wgrad.defvjp(_strip_fwd, _strip_bwd)
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 output tile from a 4x4 input tile with 16 multiplies per
+# channel pair instead of 36. Y = A^T [(G w G^T) * (B^T d B)] A, the products summed over input channels.
+_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+_G_FLIP = [3, 1, 2, 0]  # G applied to a reversed kernel = G's rows 0 and 3 swapped
+
+
+def _sandwich(left: np.ndarray, grid: list[list], right: np.ndarray) -> list[list]:
+  """left @ grid @ right^T for small constant matrices and a grid of arrays, as explicit sums without zero terms."""
+  def mix(matrix, parts):
+    return [sum(float(c) * p for c, p in zip(row, parts, strict=True) if c) for row in matrix]
+  cols = [mix(left, [row[j] for row in grid]) for j in range(len(grid[0]))]  # cols[j][k]
+  return [mix(right, [col[k] for col in cols]) for k in range(left.shape[0])]
+
+
+def winograd_kernel(w: jax.Array) -> jax.Array:
+  """G w G^T per channel pair: [3, 3, Cin, Cout] -> [16, Cin, Cout]."""
+  return jnp.stack([u for row in _sandwich(_G, [[w[i, j] for j in range(3)] for i in range(3)], _G) for u in row])
+
+
+def winograd_conv(x: jax.Array, u: jax.Array, transposed: bool = False) -> jax.Array:
+  """'SAME' 3x3 convolution of x [B, H, W, Cin] with a transformed kernel u [16, Cin, Cout] (or [16, Cout, Cin]
+  with `transposed`, contracting u's last axis)."""
+  b, h, wd, _ = x.shape
+  th, tw = -(-h // 2), -(-wd // 2)
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))
+  tiles = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]  # tile element (i, j)
+  v = jnp.stack([e for row in _sandwich(_BT, tiles, _BT) for e in row]).reshape(16, b * th * tw, x.shape[-1])
+  m = jnp.einsum("ktc,koc->kto" if transposed else "ktc,kco->kto", v, u)
+  m = m.reshape(4, 4, b, th, tw, m.shape[-1])
+  out = _sandwich(_AT, [[m[k, l] for l in range(4)] for k in range(4)], _AT)  # out[a][c]: [B, th, tw, Cout]
+  y = jnp.stack([jnp.stack(row, axis=3) for row in out], axis=2)  # [B, th, 2, tw, 2, Cout]
+  return y.reshape(b, 2 * th, 2 * tw, -1)[:, :h, :wd]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_winograd(x: jax.Array, w: jax.Array, strips: int) -> jax.Array:
+  return winograd_conv(x, winograd_kernel(w))
+
+
+def _winograd_fwd(x, w, strips):
+  u = winograd_kernel(w)
+  return winograd_conv(x, u), (x, w, u)
+
+
+def _winograd_bwd(strips, residuals, g):
+  """The input gradient is the convolution of g with the reversed, transposed kernel, whose transform is u's
+  tiles permuted (read transposed); the weight gradient stays XLA's (in strips on large maps)."""
+  x, w, u = residuals
+  u_flipped = jnp.stack([u[4 * _G_FLIP[k] + _G_FLIP[l]] for k in range(4) for l in range(4)])
+  return winograd_conv(g, u_flipped, transposed=True), _weight_grad(x, w, g, 1, strips)
+
+
+_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def _to_phases(x: jax.Array, d: int) -> jax.Array:
+  """[B, H, W, C] -> [B*d*d, ceil(H/d), ceil(W/d), C]: a dilation-d convolution is a plain one on each phase."""
+  b, h, wd, c = x.shape
+  hp, wp = -(-h // d), -(-wd // d)
+  x = jnp.pad(x, ((0, 0), (0, hp * d - h), (0, wp * d - wd), (0, 0)))
+  return x.reshape(b, hp, d, wp, d, c).transpose(0, 2, 4, 1, 3, 5).reshape(b * d * d, hp, wp, c)
+
+
+def _from_phases(y: jax.Array, d: int, h: int, wd: int) -> jax.Array:
+  _, hp, wp, c = y.shape
+  y = y.reshape(-1, d, d, hp, wp, c).transpose(0, 3, 1, 4, 2, 5).reshape(-1, hp * d, wp * d, c)
+  return y[:, :h, :wd]
 
 
 def conv2d(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
@@ -91,8 +200,13 @@ def conv2d(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
   h, wd = x.shape[1:3]
   if valid_fraction(h, wd, w.shape[0], dilation) < MAX_VALID_FRACTION:
     return conv_by_taps(x, w, dilation)
-  if h * wd >= MIN_STRIP_PIXELS:
-    return _conv_strip_wgrad(x, w, dilation, max(1, h // STRIP_ROWS))
+  strips = max(1, h // STRIP_ROWS) if h * wd >= MIN_STRIP_PIXELS else 1
+  if w.shape[:2] == (3, 3) and x.shape[-1] >= MIN_WINOGRAD_CHANNELS and x.dtype == jnp.float32:
+    if dilation == 1:
+      return _conv_winograd(x, w, strips)
+    return _from_phases(_conv_winograd(_to_phases(x, dilation), w, 1), dilation, h, wd)
+  if strips > 1:
+    return _conv_strip_wgrad(x, w, dilation, strips)
   return _conv(x, w, dilation, "SAME")
 
 
