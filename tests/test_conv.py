@@ -51,21 +51,21 @@ def test_weight_gradient_in_row_strips(strips, dilation):
          dilation)
 
 
-@pytest.mark.parametrize("shape, strips", [((1, 9, 11, 64), 1), ((2, 8, 5, 64), 3)])
+@pytest.mark.parametrize("shape, strips", [((1, 9, 11, 64), 0), ((2, 8, 5, 64), 0), ((2, 8, 5, 64), 3)])
 def test_winograd_with_its_adjoints(shape, strips):
-  """F(2x2, 3x3) tiles, odd and even sizes; input gradient from the permuted kernel transform, weight gradient in
-  strips."""
+  """F(2x2, 3x3) tiles, odd and even sizes; input gradient from the permuted kernel transform; weight gradient
+  from the tiles' products (strips=0) or XLA's in row strips."""
   _check(jax.jit(lambda x, w, d: conv._conv_winograd(x, w, strips), static_argnums=2), shape, 6, 1)
 
 
-@pytest.mark.parametrize("shape, dilation, kernel", [((1, 130, 121, 2), 1, 3),  # strips (>= 120 x 120)
-                                                     ((1, 21, 21, 3), 12, 3),  # taps (most taps in the padding)
-                                                     ((1, 10, 10, 3), 2, 3),  # plain convolution
-                                                     ((1, 11, 9, 64), 1, 3),  # Winograd
-                                                     ((1, 11, 10, 64), 2, 3),  # Winograd on dilation phases
-                                                     ((1, 6, 5, 3), 1, 1)])  # 1x1: a matmul
-def test_conv2d_picks_a_variant_and_stays_exact(shape, dilation, kernel):
-  _check(jax.jit(conv.conv2d, static_argnums=2), shape, 3, dilation, kernel)
+@pytest.mark.parametrize("shape, cout, dilation, kernel", [((1, 130, 121, 2), 3, 1, 3),  # strips (>= 120 x 120)
+                                                           ((1, 21, 21, 3), 3, 12, 3),  # taps (padding-heavy)
+                                                           ((1, 10, 10, 3), 3, 2, 3),  # plain convolution
+                                                           ((1, 11, 9, 64), 64, 1, 3),  # Winograd
+                                                           ((1, 11, 10, 64), 64, 2, 3),  # ... on dilation phases
+                                                           ((1, 6, 5, 3), 3, 1, 1)])  # 1x1: a matmul
+def test_conv2d_picks_a_variant_and_stays_exact(shape, cout, dilation, kernel):
+  _check(jax.jit(conv.conv2d, static_argnums=2), shape, cout, dilation, kernel)
 
 
 def test_valid_fraction():

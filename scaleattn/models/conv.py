@@ -1,10 +1,10 @@
 """A 'SAME' convolution for the backbone that computes exactly what `lax.conv_general_dilated` computes, in the
 pieces that XLA's CPU kernels run fastest (measured on a 2-core x86 CPU; on other backends it is plain lax.conv).
 
-- Winograd F(2x2, 3x3) for the forward pass and input gradient of float32 3x3 convolutions with 64+ input channels
-  (a dilated one runs on its dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched
-  matmuls between small elementwise transforms; 1.3-1.7x faster than XLA's convolution from 161x161x128 to
-  41x41x512.
+- Winograd F(2x2, 3x3) for float32 3x3 convolutions with 64+ channels below 200x200 (a dilated one runs on its
+  dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched matmuls between small
+  elementwise transforms, for the forward pass and both gradients; 1.3-1.7x faster than XLA's convolution from
+  161x161x128 to 41x41x512.
 - Weight gradient in row strips: XLA:CPU computes the weight gradient of a large feature map (conv1, conv2 at
   321 px) at a third of its forward speed; summing the weight gradients of ~20-row strips (each with its halo)
   is 1.3-2x faster.
@@ -25,7 +25,8 @@ from jax import lax
 STRIP_ROWS = 20  # rows per weight-gradient strip
 MIN_STRIP_PIXELS = 120 * 120  # maps smaller than this keep XLA's single weight-gradient convolution
 MAX_VALID_FRACTION = 0.8  # per-tap matmuls when the taps' valid overlap is below this share of the full work
-MIN_WINOGRAD_CHANNELS = 64  # Winograd for 3x3 convolutions with at least this many input channels
+MIN_WINOGRAD_CHANNELS = 64  # Winograd for 3x3 convolutions with at least this many input and output channels
+MAX_WINOGRAD_PIXELS = 200 * 200  # ... on maps smaller than this (at 321x321x64 its transforms cost what it saves)
 
 
 def _conv(x: jax.Array, w: jax.Array, dilation: int, padding) -> jax.Array:
@@ -141,19 +142,41 @@ def winograd_kernel(w: jax.Array) -> jax.Array:
   return jnp.stack([u for row in _sandwich(_G, [[w[i, j] for j in range(3)] for i in range(3)], _G) for u in row])
 
 
+def _tile_counts(x: jax.Array) -> tuple[int, int]:
+  return -(-x.shape[1] // 2), -(-x.shape[2] // 2)
+
+
+def _input_transform(x: jax.Array) -> jax.Array:
+  """B^T d B for every 4x4 input tile d (stride 2, 'SAME' padding): [B, H, W, C] -> [16, tiles, C]."""
+  b, h, wd, c = x.shape
+  th, tw = _tile_counts(x)
+  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))
+  tiles = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]  # tile element (i, j)
+  return jnp.stack([e for row in _sandwich(_BT, tiles, _BT) for e in row]).reshape(16, b * th * tw, c)
+
+
 def winograd_conv(x: jax.Array, u: jax.Array, transposed: bool = False) -> jax.Array:
   """'SAME' 3x3 convolution of x [B, H, W, Cin] with a transformed kernel u [16, Cin, Cout] (or [16, Cout, Cin]
   with `transposed`, contracting u's last axis)."""
   b, h, wd, _ = x.shape
-  th, tw = -(-h // 2), -(-wd // 2)
-  xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))
-  tiles = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]  # tile element (i, j)
-  v = jnp.stack([e for row in _sandwich(_BT, tiles, _BT) for e in row]).reshape(16, b * th * tw, x.shape[-1])
-  m = jnp.einsum("ktc,koc->kto" if transposed else "ktc,kco->kto", v, u)
+  th, tw = _tile_counts(x)
+  m = jnp.einsum("ktc,koc->kto" if transposed else "ktc,kco->kto", _input_transform(x), u)
   m = m.reshape(4, 4, b, th, tw, m.shape[-1])
   out = _sandwich(_AT, [[m[k, l] for l in range(4)] for k in range(4)], _AT)  # out[a][c]: [B, th, tw, Cout]
   y = jnp.stack([jnp.stack(row, axis=3) for row in out], axis=2)  # [B, th, 2, tw, 2, Cout]
   return y.reshape(b, 2 * th, 2 * tw, -1)[:, :h, :wd]
+
+
+def winograd_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """d<conv(x, w), g>/dw in the Winograd domain: G^T [sum over tiles of (B^T d B)^T (A g A^T)] G."""
+  b, h, wd, _ = x.shape
+  th, tw = _tile_counts(x)
+  gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - wd), (0, 0)))
+  g_tiles = [[gp[:, a::2, c::2] for c in range(2)] for a in range(2)]  # output tile element (a, c)
+  dm = jnp.stack([e for row in _sandwich(_AT.T, g_tiles, _AT.T) for e in row]).reshape(16, b * th * tw, -1)
+  du = jnp.einsum("ktc,kto->kco", _input_transform(x), dm)
+  dw = _sandwich(_G.T, [[du[4 * k + l] for l in range(4)] for k in range(4)], _G.T)
+  return jnp.stack([jnp.stack(row) for row in dw])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -167,11 +190,13 @@ def _winograd_fwd(x, w, strips):
 
 
 def _winograd_bwd(strips, residuals, g):
-  """The input gradient is the convolution of g with the reversed, transposed kernel, whose transform is u's
-  tiles permuted (read transposed); the weight gradient stays XLA's (in strips on large maps)."""
+  """The input gradient is the convolution of g with the reversed, transposed kernel, whose transform is u's tiles
+  permuted (read transposed). The weight gradient is Winograd's too (strips=0), or XLA's in row strips: on maps
+  of 120x120 and more the strips are faster."""
   x, w, u = residuals
   u_flipped = jnp.stack([u[4 * _G_FLIP[k] + _G_FLIP[l]] for k in range(4) for l in range(4)])
-  return winograd_conv(g, u_flipped, transposed=True), _weight_grad(x, w, g, 1, strips)
+  dw = winograd_weight_grad(x, g) if strips == 0 else _weight_grad(x, w, g, 1, strips)
+  return winograd_conv(g, u_flipped, transposed=True), dw
 
 
 _conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
@@ -200,12 +225,13 @@ def conv2d(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
   h, wd = x.shape[1:3]
   if valid_fraction(h, wd, w.shape[0], dilation) < MAX_VALID_FRACTION:
     return conv_by_taps(x, w, dilation)
-  strips = max(1, h // STRIP_ROWS) if h * wd >= MIN_STRIP_PIXELS else 1
-  if w.shape[:2] == (3, 3) and x.shape[-1] >= MIN_WINOGRAD_CHANNELS and x.dtype == jnp.float32:
+  strips = max(1, h // STRIP_ROWS) if h * wd >= MIN_STRIP_PIXELS else 0
+  if (w.shape[:2] == (3, 3) and min(w.shape[2:]) >= MIN_WINOGRAD_CHANNELS and h * wd < MAX_WINOGRAD_PIXELS
+          and x.dtype == jnp.float32):
     if dilation == 1:
       return _conv_winograd(x, w, strips)
-    return _from_phases(_conv_winograd(_to_phases(x, dilation), w, 1), dilation, h, wd)
-  if strips > 1:
+    return _from_phases(_conv_winograd(_to_phases(x, dilation), w, 0), dilation, h, wd)
+  if strips:
     return _conv_strip_wgrad(x, w, dilation, strips)
   return _conv(x, w, dilation, "SAME")
 
