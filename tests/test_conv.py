@@ -61,8 +61,8 @@ def test_winograd_with_its_adjoints(shape, strips):
 @pytest.mark.parametrize("shape, cout, dilation, kernel", [((1, 130, 121, 2), 3, 1, 3),  # strips (>= 120 x 120)
                                                            ((1, 21, 21, 3), 3, 12, 3),  # taps (padding-heavy)
                                                            ((1, 10, 10, 3), 3, 2, 3),  # plain convolution
-                                                           ((1, 11, 9, 64), 64, 1, 3),  # Winograd
-                                                           ((1, 11, 10, 64), 64, 2, 3),  # ... on dilation phases
+                                                           ((1, 11, 9, 128), 128, 1, 3),  # Winograd
+                                                           ((1, 11, 10, 128), 128, 2, 3),  # ... on dilation phases
                                                            ((1, 6, 5, 3), 3, 1, 1)])  # 1x1: a matmul
 def test_conv2d_picks_a_variant_and_stays_exact(shape, cout, dilation, kernel):
   _check(jax.jit(conv.conv2d, static_argnums=2), shape, cout, dilation, kernel)

@@ -1,10 +1,10 @@
 """A 'SAME' convolution for the backbone that computes exactly what `lax.conv_general_dilated` computes, in the
 pieces that XLA's CPU kernels run fastest (measured on a 2-core x86 CPU; on other backends it is plain lax.conv).
 
-- Winograd F(2x2, 3x3) for float32 3x3 convolutions with 64+ channels below 200x200 (a dilated one runs on its
+- Winograd F(2x2, 3x3) for float32 3x3 convolutions with 128+ channels below 200x200 (a dilated one runs on its
   dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched matmuls between small
-  elementwise transforms, for the forward pass and both gradients; 1.3-1.7x faster than XLA's convolution from
-  161x161x128 to 41x41x512.
+  elementwise transforms, for the forward pass, the input gradient and (below 120x120) the weight gradient;
+  1.3-1.7x faster than XLA's convolution from 161x161x128 to 41x41x512.
 - Weight gradient in row strips: XLA:CPU computes the weight gradient of a large feature map (conv1, conv2 at
   321 px) at a third of its forward speed; summing the weight gradients of ~20-row strips (each with its halo)
   is 1.3-2x faster.
@@ -25,7 +25,7 @@ from jax import lax
 STRIP_ROWS = 20  # rows per weight-gradient strip
 MIN_STRIP_PIXELS = 120 * 120  # maps smaller than this keep XLA's single weight-gradient convolution
 MAX_VALID_FRACTION = 0.8  # per-tap matmuls when the taps' valid overlap is below this share of the full work
-MIN_WINOGRAD_CHANNELS = 64  # Winograd for 3x3 convolutions with at least this many input and output channels
+MIN_WINOGRAD_CHANNELS = 128  # Winograd for 3x3 convolutions with at least this many input and output channels
 MAX_WINOGRAD_PIXELS = 200 * 200  # ... on maps smaller than this (at 321x321x64 its transforms cost what it saves)
 
 
