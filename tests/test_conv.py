@@ -68,6 +68,22 @@ def test_conv2d_picks_a_variant_and_stays_exact(shape, cout, dilation, kernel):
   _check(jax.jit(conv.conv2d, static_argnums=2), shape, cout, dilation, kernel)
 
 
+def test_winograd_under_vmap():
+  """The vmap scale-execution path batches the custom VJPs: per-example values and input gradients, and the weight
+  gradient summed over the mapped axis."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 1, 7, 6, 128))
+  w = rng.normal(size=(3, 3, 128, 128)) / 34
+  g = rng.normal(size=(2, 1, 7, 6, 128))
+  for dilation in (1, 2):
+    def loss(a, b, d=dilation):
+      return jnp.sum(jax.vmap(lambda xi: conv.conv2d(xi, b, d))(a) * g)
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    refs = [_np_grads(x[i], w, g[i], dilation) for i in range(2)]
+    np.testing.assert_allclose(dx, np.stack([r[0] for r in refs]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, sum(r[1] for r in refs), rtol=1e-4, atol=1e-3)
+
+
 def test_valid_fraction():
   assert conv.valid_fraction(41, 41, 3, 1) == pytest.approx(((40 + 41 + 40) / 123) ** 2)
   assert conv.valid_fraction(21, 21, 3, 12) == pytest.approx(((9 + 21 + 9) / 63) ** 2)
