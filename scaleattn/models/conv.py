@@ -137,9 +137,14 @@ def _sandwich(left: np.ndarray, grid: list[list], right: np.ndarray) -> list[lis
   return [mix(right, [col[k] for col in cols]) for k in range(left.shape[0])]
 
 
+def _sandwich_stacked(left: np.ndarray, grid: list[list], right: np.ndarray) -> jax.Array:
+  """`_sandwich` with its entries stacked row-major along a new leading axis."""
+  return jnp.stack([e for row in _sandwich(left, grid, right) for e in row])
+
+
 def winograd_kernel(w: jax.Array) -> jax.Array:
   """G w G^T per channel pair: [3, 3, Cin, Cout] -> [16, Cin, Cout]."""
-  return jnp.stack([u for row in _sandwich(_G, [[w[i, j] for j in range(3)] for i in range(3)], _G) for u in row])
+  return _sandwich_stacked(_G, [[w[i, j] for j in range(3)] for i in range(3)], _G)
 
 
 def _tile_counts(x: jax.Array) -> tuple[int, int]:
@@ -152,7 +157,7 @@ def _input_transform(x: jax.Array) -> jax.Array:
   th, tw = _tile_counts(x)
   xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - wd), (0, 0)))
   tiles = [[xp[:, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)] for i in range(4)]  # tile element (i, j)
-  return jnp.stack([e for row in _sandwich(_BT, tiles, _BT) for e in row]).reshape(16, b * th * tw, c)
+  return _sandwich_stacked(_BT, tiles, _BT).reshape(16, b * th * tw, c)
 
 
 def winograd_conv(x: jax.Array, u: jax.Array, transposed: bool = False) -> jax.Array:
@@ -173,10 +178,9 @@ def winograd_weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
   th, tw = _tile_counts(x)
   gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - wd), (0, 0)))
   g_tiles = [[gp[:, a::2, c::2] for c in range(2)] for a in range(2)]  # output tile element (a, c)
-  dm = jnp.stack([e for row in _sandwich(_AT.T, g_tiles, _AT.T) for e in row]).reshape(16, b * th * tw, -1)
+  dm = _sandwich_stacked(_AT.T, g_tiles, _AT.T).reshape(16, b * th * tw, -1)
   du = jnp.einsum("ktc,kto->kco", _input_transform(x), dm)
-  dw = _sandwich(_G.T, [[du[4 * k + l] for l in range(4)] for k in range(4)], _G.T)
-  return jnp.stack([jnp.stack(row) for row in dw])
+  return _sandwich_stacked(_G.T, [[du[4 * k + l] for l in range(4)] for k in range(4)], _G.T).reshape(3, 3, *du.shape[1:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
