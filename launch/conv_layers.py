@@ -4,11 +4,11 @@
 
 --config and --out are scaleattn.benchmark's flags.
 
-The layers are read off the model itself (every convolution of the config's backbone on one scale-1 crop, found by
-intercepting the `Conv` modules while the model is traced); identical layers are timed once and counted. For
-each layer it times, median of `--repeats` calls after two warm-up calls, the forward convolution, the input
-gradient and the weight gradient: JAX through `scaleattn.models.conv.conv2d` (the forms the model runs), PyTorch
-through `conv2d` and `aten.convolution_backward` (what autograd calls) in its default NCHW layout.
+The layers are read off the model itself (every convolution of the config's backbone on one scale-1 crop, as
+`scaleattn.models.flops.conv_layers` finds them while the model is traced); identical layers are timed once and
+counted. For each layer it times, median of `--repeats` calls after two warm-up calls, the forward convolution,
+the input gradient and the weight gradient: JAX through `scaleattn.models.conv.conv2d` (the forms the model
+runs), PyTorch through `conv2d` and `aten.convolution_backward` (what autograd calls) in its default NCHW layout.
 """
 from __future__ import annotations
 
@@ -16,49 +16,34 @@ import collections
 import json
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from scaleattn import benchmark, host_memory
-from scaleattn.models.conv import Conv, conv2d
-from scaleattn.models.multiscale import build_model
+from scaleattn.models import flops
+from scaleattn.models.conv import conv2d
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("frameworks", ["jax", "torch"], "Frameworks to time (torch is optional).")
 flags.DEFINE_integer("repeats", 8, "Timed calls per layer and pass.")
 
-Layer = collections.namedtuple("Layer", "size cin cout kernel dilation")
 PASSES = ("forward", "input_grad", "weight_grad")
 
 
 def backbone_layers(config) -> collections.Counter:
-  """Layer -> how many times one scale-1 forward pass runs it (square crops)."""
+  """Layer -> how many times one scale-1 forward pass of one crop runs it."""
   cfg = config.model.copy_and_resolve_references()
   cfg.scales = (1.0,)
-  model = build_model(cfg)
-  seen = collections.Counter()
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, Conv) and context.method_name == "__call__":
-      x = args[0]
-      seen[Layer(x.shape[1], x.shape[-1], context.module.features, context.module.kernel_size,
-                 context.module.dilation)] += 1
-    return next_fun(*args, **kwargs)
-
-  images = jax.ShapeDtypeStruct((1, config.input.crop_size, config.input.crop_size, 3), jnp.float32)
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  return seen
+  return flops.conv_layers(cfg, config.input.crop_size, config.input.crop_size)
 
 
-def jax_passes(layer: Layer) -> dict[str, Callable[[], object]]:
+def jax_passes(layer: flops.Layer) -> dict[str, Callable[[], object]]:
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(1, layer.size, layer.size, layer.cin)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(1, layer.height, layer.width, layer.cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(layer.kernel, layer.kernel, layer.cin, layer.cout)) * 0.01, jnp.float32)
-  g = jnp.asarray(rng.normal(size=(1, layer.size, layer.size, layer.cout)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(1, layer.height, layer.width, layer.cout)), jnp.float32)
   forward = jax.jit(lambda x, w: conv2d(x, w, layer.dilation))
   input_grad = jax.jit(lambda x, w, g: jax.vjp(lambda x_: conv2d(x_, w, layer.dilation), x)[1](g)[0])
   weight_grad = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv2d(x, w_, layer.dilation), w)[1](g)[0])
@@ -67,12 +52,12 @@ def jax_passes(layer: Layer) -> dict[str, Callable[[], object]]:
           "weight_grad": lambda: weight_grad(x, w, g).block_until_ready()}
 
 
-def torch_passes(layer: Layer) -> dict[str, Callable[[], object]]:
+def torch_passes(layer: flops.Layer) -> dict[str, Callable[[], object]]:
   import torch  # noqa: PLC0415 - optional
   torch.manual_seed(0)
-  x = torch.randn(1, layer.cin, layer.size, layer.size)
+  x = torch.randn(1, layer.cin, layer.height, layer.width)
   w = torch.randn(layer.cout, layer.cin, layer.kernel, layer.kernel) * 0.01
-  g = torch.randn(1, layer.cout, layer.size, layer.size)
+  g = torch.randn(1, layer.cout, layer.height, layer.width)
   pad, dil = layer.dilation * (layer.kernel // 2), layer.dilation
 
   def backward(mask):
@@ -94,7 +79,7 @@ def main(argv):
   builders = {"jax": jax_passes, "torch": torch_passes}
   rows, totals = [], {fw: dict.fromkeys(PASSES, 0.0) for fw in FLAGS.frameworks}
   for layer, count in backbone_layers(FLAGS.config).items():
-    gflop = 2 * layer.size ** 2 * layer.kernel ** 2 * layer.cin * layer.cout / 1e9  # per pass, padding included
+    gflop = flops.layer_flops(layer) / 1e9  # per pass, padding included
     row = {**layer._asdict(), "count": count, "gflop_per_pass": gflop}
     for fw in FLAGS.frameworks:
       passes = builders[fw](layer)

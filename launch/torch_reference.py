@@ -132,7 +132,7 @@ def main(argv):
     config = base.copy_and_resolve_references()
     config.model.scales = scales
     config.train.batch_size = FLAGS.batch_size
-    steps = {"jax": lambda c: benchmark.train_runner(c)[0],
+    steps = {"jax": lambda c: benchmark.train_runner(c).run,
              "torch": lambda c: torch_step_fn(c, FLAGS.batch_size, FLAGS.channels_last)}
     runners = {name: steps[name](config) for name in FLAGS.frameworks}
     times = {name: [] for name in runners}

@@ -3,7 +3,10 @@
 For each scale set x precision x scale-execution path it times the jitted train step on a random batch (median
 of `--steps` steps after the compiling one; compile time apart), images/s, achieved GFLOP/s from XLA's cost
 analysis against the same machine's dense matmul peak measured in the same run (float32, and bfloat16 for bf16
-cases), and peak memory (the device's, or XLA's buffer assignment on CPU); then the eval step on whole `eval_size` images.
+cases), model FLOP/s (`scaleattn.models.flops`: the network's dense convolutions, however the backend runs them) and
+model FLOP utilisation against the data-sheet dense bf16 peak where the device is known, and peak memory (one
+device's, or XLA's buffer assignment on CPU); then the eval step on whole `eval_size` images. Rates are the whole
+step's over all the mesh's `devices`; peaks are one device's.
 With `--profile_dir` it also traces each case with `jax.profiler` (open the trace in Perfetto or TensorBoard) and
 records where the step's time goes: milliseconds per step by kind of XLA operation.
 """
@@ -20,7 +23,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,6 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from scaleattn import host_memory, sharding, train
+from scaleattn.models import flops
 from scaleattn.state import build
 
 FLAGS = flags.FLAGS
@@ -48,6 +52,21 @@ flags.DEFINE_string("profile_dir", "", "If set, trace --profile_steps steps of e
 flags.DEFINE_integer("profile_steps", 3, "Steps traced per case with --profile_dir.")
 
 
+# Dense (no sparsity) bf16 peak TFLOP/s of one JAX device, from the vendors' data sheets: (substring of the
+# lower-cased device_kind, peak), first match wins. Other devices and other precisions get no MFU.
+DATASHEET_BF16_TFLOPS = (("h100 pcie", 756.5), ("h100 nvl", 835.5), ("h100", 989.4), ("h200 nvl", 835.5),
+                         ("h200", 989.4), ("a100", 312.0), ("tpu v4", 275.0), ("tpu v5 lite", 197.0),
+                         ("tpu v5e", 197.0), ("tpu v5", 459.0), ("tpu v6", 918.0))
+
+
+def datasheet_peak_gflops(device_kind: str, precision: str) -> float | None:
+  """The data-sheet dense peak of `device_kind` in `precision`, or None where the table has none."""
+  if precision != "bfloat16":
+    return None
+  kind = device_kind.lower()
+  return next((1e3 * tflops for key, tflops in DATASHEET_BF16_TFLOPS if key in kind), None)
+
+
 def call_times(fn: Callable[[], object], calls: int, warmup: int = 1) -> list[float]:
   """Seconds taken by each of `calls` blocking calls of `fn`, after `warmup` untimed ones."""
   for _ in range(warmup):
@@ -60,8 +79,11 @@ def call_times(fn: Callable[[], object], calls: int, warmup: int = 1) -> list[fl
   return times
 
 
-def matmul_peak_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
-  """Measured dense matmul throughput of the default device: the denominator of the efficiency."""
+def matmul_peak_gflops(dtype: str = "float32", n: int | None = None, repeats: int = 5) -> float:
+  """Measured dense matmul throughput of the default device: the denominator of the efficiency. n defaults to 2048
+  on CPU and 8192 on accelerators, where a 2048 matmul (tens of microseconds) is too short to time against the
+  dispatch overhead."""
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   return 2 * n**3 / min(call_times(lambda: f(a).block_until_ready(), repeats)) / 1e9
@@ -82,9 +104,16 @@ def _flops(compiled) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def train_runner(config: ml_collections.ConfigDict) -> tuple[Callable[[], None], Any, float]:
-  """(run, compiled, compile_s): `run` does one blocking train step of `config` on a fixed random batch, carrying
-  the state from step to step."""
+class Runner(NamedTuple):
+  """A compiled step ready to time: `run` does one blocking call; the step is split over `devices` devices."""
+  run: Callable[[], None]
+  compiled: Any
+  compile_s: float
+  devices: int
+
+
+def train_runner(config: ml_collections.ConfigDict) -> Runner:
+  """`run` does one blocking train step of `config` on a fixed random batch, carrying the state from step to step."""
   setup = build(config)
   p_train, _ = train.jit_steps(setup)
   batch = sharding.global_batch(setup.mesh, _random_batch(config, config.train.batch_size, config.input.crop_size,
@@ -99,11 +128,11 @@ def train_runner(config: ml_collections.ConfigDict) -> tuple[Callable[[], None],
     state[0], metrics = compiled(state[0], batch, key)
     jax.block_until_ready((state[0], metrics))
 
-  return run, compiled, compile_s
+  return Runner(run, compiled, compile_s, setup.mesh.size)
 
 
-def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Callable[[], None], Any, float]:
-  """(run, compiled, compile_s) for the eval step on whole images padded to config.input.eval_size."""
+def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> Runner:
+  """The eval step on whole images padded to config.input.eval_size."""
   setup = build(config)
   _, p_eval = train.jit_steps(setup)
   batch = sharding.global_batch(setup.mesh, _random_batch(config, batch_size, config.input.eval_size, mask=True))
@@ -111,18 +140,23 @@ def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> tuple[Cal
   t = time.perf_counter()
   compiled = p_eval.lower(params, batch).compile()
   compile_s = time.perf_counter() - t
-  return lambda: jax.block_until_ready(compiled(params, batch)), compiled, compile_s
+  return Runner(lambda: jax.block_until_ready(compiled(params, batch)), compiled, compile_s, setup.mesh.size)
 
 
-def measure(runner: tuple[Callable[[], None], Any, float], batch_size: int, steps: int) -> dict:
-  """Median (and min) step time over `steps` runs after one warm-up run, throughput and achieved GFLOP/s."""
-  run, compiled, compile_s = runner
-  times = call_times(run, steps)
+def measure(runner: Runner, batch_size: int, steps: int, model_flop: float, datasheet_gflops: float | None) -> dict:
+  """Median (and min) step time over `steps` runs after one warm-up run, throughput, achieved GFLOP/s of the whole
+  step on all its devices (XLA's count of the compiled step, and the model's `model_flop`), and MFU against
+  `datasheet_gflops` (one device's peak) where known."""
+  times = call_times(runner.run, steps)
   median = float(np.median(times))
-  flops = _flops(compiled)
-  return {"median_step_s": median, "min_step_s": float(min(times)), "compile_s": compile_s,
-          "images_per_s": batch_size / median, "gflop_per_step": flops / 1e9, "gflops_per_s": flops / median / 1e9,
-          **_peak_memory(compiled)}
+  xla_flop = _flops(runner.compiled) * runner.devices  # XLA counts one device's share of the partitioned step
+  model_gflops = model_flop / median / 1e9
+  mfu = model_gflops / (datasheet_gflops * runner.devices) if datasheet_gflops else None
+  return {"devices": runner.devices, "median_step_s": median, "min_step_s": float(min(times)),
+          "compile_s": runner.compile_s, "images_per_s": batch_size / median, "gflop_per_step": xla_flop / 1e9,
+          "gflops_per_s": xla_flop / median / 1e9, "model_gflop_per_step": model_flop / 1e9,
+          "model_gflops_per_s": model_gflops, "datasheet_peak_gflops_per_s": datasheet_gflops, "mfu": mfu,
+          **_peak_memory(runner.compiled)}
 
 
 def _peak_memory(compiled) -> dict:
@@ -168,16 +202,15 @@ def time_by_op_kind(trace_dir: str, hlo_text: str, steps: int) -> dict[str, floa
   return {kind: us / steps / 1e3 for kind, us in total_us.most_common()}
 
 
-def profile(runner: tuple[Callable[[], None], Any, float], trace_dir: str, steps: int) -> dict[str, float]:
+def profile(runner: Runner, trace_dir: str, steps: int) -> dict[str, float]:
   """Traces `steps` runs of an already warm runner into `trace_dir`; returns `time_by_op_kind`."""
-  run, compiled, _ = runner
   jax.profiler.start_trace(trace_dir)
   try:
     for _ in range(steps):
-      run()
+      runner.run()
   finally:
     jax.profiler.stop_trace()
-  return time_by_op_kind(trace_dir, compiled.as_text(), steps)
+  return time_by_op_kind(trace_dir, runner.compiled.as_text(), steps)
 
 
 def environment() -> dict:
@@ -200,6 +233,7 @@ def main(argv):
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   peaks = {p: matmul_peak_gflops(p) for p in FLAGS.precision}
   logging.info("Measured matmul peaks (GFLOP/s): %s", peaks)
+  datasheet = {p: datasheet_peak_gflops(jax.devices()[0].device_kind, p) for p in FLAGS.precision}
   cases = []
   for scales in scale_sets:
     for precision in FLAGS.precision:
@@ -216,8 +250,10 @@ def main(argv):
                        functools.partial(eval_runner, config, FLAGS.eval_batch_size)))
         for kind, batch_size, size, runner in runs:
           built = runner()
+          model_flop = flops.step_flops(config.model, batch_size, size, size, train=kind == "train")
           case = {"name": f"{kind}-{len(scales)}scale-{common['fusion']}-{execution}-{precision}", "kind": kind,
-                  "batch_size": batch_size, "image_size": size, **common, **measure(built, batch_size, FLAGS.steps)}
+                  "batch_size": batch_size, "image_size": size, **common,
+                  **measure(built, batch_size, FLAGS.steps, model_flop, datasheet[precision])}
           if FLAGS.profile_dir:
             case["ms_per_step_by_op_kind"] = profile(built, os.path.join(FLAGS.profile_dir, case["name"]),
                                                      FLAGS.profile_steps)

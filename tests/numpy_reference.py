@@ -60,6 +60,19 @@ def largefov(params, x, depths, fc6_dilation, conv5_dilation=2):
   return layer("fc8", fc7), fc7
 
 
+def vgg16_largefov_layers(size: int) -> dict:
+  """(height, width, cin, cout, kernel, dilation): count for DeepLab-LargeFOV (21 classes) on a size x size image,
+  written out from the architecture: VGG-16's 3x3 convs, Caffe ceil-mode pools (n -> n // 2 + 1) of stride 2, 2, 2,
+  1, 1, conv5 dilated by 2, fc6 3x3 dilated by 12, fc7 and fc8 1x1."""
+  half, quarter = size // 2 + 1, (size // 2 + 1) // 2 + 1
+  out = quarter // 2 + 1  # three stride-2 pools, then stride 1
+  return {(size, size, 3, 64, 3, 1): 1, (size, size, 64, 64, 3, 1): 1, (half, half, 64, 128, 3, 1): 1,
+          (half, half, 128, 128, 3, 1): 1, (quarter, quarter, 128, 256, 3, 1): 1,
+          (quarter, quarter, 256, 256, 3, 1): 2, (out, out, 256, 512, 3, 1): 1, (out, out, 512, 512, 3, 1): 2,
+          (out, out, 512, 512, 3, 2): 3, (out, out, 512, 1024, 3, 12): 1, (out, out, 1024, 1024, 1, 1): 1,
+          (out, out, 1024, 21, 1, 1): 1}
+
+
 def random_variables(module, *args, seed=0, **kwargs):
   """Variables of `module`'s structure drawn with NumPy (kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.01)): no
   compiled initialiser, so tests stay fast, and activations stay O(1) through a network."""

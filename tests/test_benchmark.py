@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import shapes
 from scaleattn import benchmark
@@ -16,7 +17,8 @@ from scaleattn.state import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"name", "scales", "fusion", "batch_size", "precision", "scale_execution", "median_step_s",
-            "images_per_s", "gflops_per_s", "peak_gflops_per_s", "compile_s", "gflop_per_step", "peak_memory_bytes"}
+            "images_per_s", "gflops_per_s", "peak_gflops_per_s", "compile_s", "gflop_per_step", "peak_memory_bytes",
+            "model_gflop_per_step", "model_gflops_per_s", "datasheet_peak_gflops_per_s", "mfu"}
 
 
 def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
@@ -38,12 +40,21 @@ def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
     assert c["median_step_s"] > 0 and c["peak_gflops_per_s"] > 0
     np.testing.assert_allclose(c["images_per_s"], c["batch_size"] / c["median_step_s"], rtol=1e-9)
     np.testing.assert_allclose(c["gflops_per_s"], c["gflop_per_step"] / c["median_step_s"], rtol=1e-9)
+    np.testing.assert_allclose(c["model_gflops_per_s"], c["model_gflop_per_step"] / c["median_step_s"], rtol=1e-9)
+    assert c["mfu"] is None and c["datasheet_peak_gflops_per_s"] is None  # a CPU has no data-sheet peak here
+    assert c["devices"] == jax.device_count()  # the mesh spans every (fake) device; rates are the whole step's
   assert cases["train-2scale-attention-loop-float32"]["scales"] == [1.0, 0.5]
   # More scales mean more work; the padded vmap path does the 0.5 scale's work at full size.
   assert cases["train-2scale-attention-loop-float32"]["gflop_per_step"] > cases["train-1scale-none-loop-float32"][
       "gflop_per_step"]
   assert cases["train-2scale-attention-vmap-float32"]["gflop_per_step"] > cases[
       "train-2scale-attention-loop-float32"]["gflop_per_step"]
+  # The model's count is the same network either way; XLA's count of the plain single-scale step (no Winograd at
+  # these widths) is its convolutions plus a little elementwise work.
+  assert cases["train-2scale-attention-vmap-float32"]["model_gflop_per_step"] == cases[
+      "train-2scale-attention-loop-float32"]["model_gflop_per_step"]
+  single = cases["train-1scale-none-loop-float32"]
+  assert 0.95 < single["gflop_per_step"] / single["model_gflop_per_step"] < 1.2
   # The step holds at least its parameters and Adam's two moments (float32), counted here from the state tree.
   config = shapes.get_config("smoke")
   config.train.batch_size = 4
@@ -57,6 +68,16 @@ def test_benchmark_cli_writes_one_consistent_case_per_configuration(tmp_path):
     assert by_kind and min(by_kind.values()) > 0, c["name"]
     assert sum(by_kind.values()) > 0.2 * 1e3 * c["median_step_s"], c["name"]
     assert (tmp_path / "profile" / c["name"]).is_dir()
+
+
+@pytest.mark.parametrize("kind, precision, gflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e3), ("NVIDIA H100 PCIe", "bfloat16", 756.5e3),
+    ("NVIDIA H200", "bfloat16", 989.4e3), ("NVIDIA A100-SXM4-40GB", "bfloat16", 312e3),
+    ("TPU v5 lite", "bfloat16", 197e3), ("TPU v5", "bfloat16", 459e3), ("TPU v4", "bfloat16", 275e3),
+    ("NVIDIA H100 80GB HBM3", "float32", None), ("cpu", "bfloat16", None)])
+def test_datasheet_peak_tells_device_variants_apart(kind, precision, gflops):
+  """NVIDIA's and Google's published dense bf16 peaks; a PCIe H100 or a v5e is not taken for its bigger sibling."""
+  assert benchmark.datasheet_peak_gflops(kind, precision) == gflops
 
 
 def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_path):
