@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only datasets and event files.
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,6 +24,10 @@ flags.DEFINE_string("exported", "", "eval/predict: a model written by `python -m
 flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0.")
 flags.DEFINE_integer("num_processes", 0, "Multi-process runs: number of processes.")
 flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's index.")
+flags.DEFINE_string("compilation_cache_dir",
+                    os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/scaleattn/xla")),
+                    "Persistent XLA compilation cache: a rerun or a resumed run loads its compiled steps from here "
+                    "instead of compiling them again ('' turns it off).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -33,6 +38,8 @@ def main(argv):
   import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
 
   from scaleattn import predict, train  # noqa: PLC0415 - after the runtime is initialised.
   config, params = FLAGS.config, None

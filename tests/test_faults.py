@@ -44,7 +44,12 @@ def _command(data_dir, workdir):
   return [sys.executable, "-m", "scaleattn.main", f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke",
           f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
           "--config.train.checkpoint_every_steps=2", "--config.train.eval_every_steps=100",
-          "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0"]
+          "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0",
+          f"--compilation_cache_dir={_cache_dir(workdir)}"]
+
+
+def _cache_dir(workdir):
+  return os.path.join(os.path.dirname(workdir), "xla")
 
 
 def _env():
@@ -79,7 +84,8 @@ def reference(data_dir, tmp_path_factory):
 
 
 def test_kill9_and_sigterm_lose_nothing(data_dir, reference, tmp_path):
-  """Three kill -9 at random moments, then a SIGTERM, then a clean finish: identical final parameters."""
+  """Three kill -9 at random moments, then a SIGTERM, then a clean finish: identical final parameters, the restarts
+  running the train step compiled by the first attempt (from the persistent compilation cache)."""
   rng = random.Random(0)
   workdir = str(tmp_path / "run")
   kills = 0
@@ -101,10 +107,11 @@ def test_kill9_and_sigterm_lose_nothing(data_dir, reference, tmp_path):
       assert proc.returncode == 0, err[-3000:]
       assert "SIGTERM received" in err
   assert kills >= 3
-  result = subprocess.run(_command(data_dir, workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run(_command(data_dir, workdir), cwd=REPO, env=dict(_env(), JAX_LOG_COMPILES="1"),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   _assert_same(_params(workdir, _config(data_dir)), reference)
+  assert "Persistent compilation cache hit for 'jit_train_step'" in result.stderr
 
 
 def test_broken_latest_checkpoint_falls_back(data_dir, reference, tmp_path):

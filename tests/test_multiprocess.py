@@ -37,7 +37,7 @@ def _flags(data_dir, workdir):
   return [f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke", f"--workdir={workdir}",
           f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
           f"--config.train.eval_every_steps={STEPS}", f"--config.train.checkpoint_every_steps={STEPS}",
-          "--config.eval.num_examples=0"]
+          "--config.eval.num_examples=0", f"--compilation_cache_dir={os.path.join(os.path.dirname(workdir), 'xla')}"]
 
 
 def _params(workdir, config):
