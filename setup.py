@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["scaleattn", "scaleattn.*"]),
+    packages=find_packages(include=["scaleattn", "scaleattn.*", "configs"]),  # configs: for installed use (Colab)
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

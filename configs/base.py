@@ -5,8 +5,7 @@ Every field a run needs lives here, so a run is reproducible from its config and
 """
 import ml_collections
 
-# DeepLab's Caffe mean (BGR 104.008, 116.669, 122.675) in our RGB order.
-MEAN_RGB = (122.675, 116.669, 104.008)
+from scaleattn.preprocessing import CAFFE_MEAN_RGB
 
 # Caffe DeepLab learning-rate multipliers: fc8 and the attention head x10 (biases x20), other biases x2.
 # The first pattern that matches a parameter path (e.g. 'backbone/fc8/kernel') wins.
@@ -38,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict(dict(
       crop_size=321,
       eval_size=513,
-      mean_rgb=MEAN_RGB,
+      mean_rgb=CAFFE_MEAN_RGB,
       random_mirror=True,
       random_scale=(1.0, 1.0),  # (0.5, 1.5) as in DeepLab v2, (0.6, 1.4) as in "Attention+".
       worker_count=0,
@@ -47,26 +46,37 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       num_classes=c.dataset.get_ref("num_classes"),
-      block_widths=(64, 128, 256, 512, 512),
-      block_depths=(2, 2, 3, 3, 3),
-      fc_width=1024,
-      conv5_dilation=2,
-      fc6_dilation=12,
-      dropout_rate=0.5,
       scales=(1.0, 0.75, 0.5),
-      fusion="attention",  # 'attention' | 'average' | 'max'
-      attention_hidden=512,
-      attention_dropout=0.5,
+      # The backbone and the fusion: `name` picks a factory in scaleattn/models/registry.py, the other fields are
+      # its keywords.
+      backbone=ml_collections.ConfigDict(dict(
+          name="largefov",
+          block_widths=(64, 128, 256, 512, 512),
+          block_depths=(2, 2, 3, 3, 3),
+          fc_width=1024,
+          conv5_dilation=2,
+          fc6_dilation=12,
+          dropout_rate=0.5,
+          fc8_init_std=ml_collections.FieldReference(0.01, field_type=float),  # None: LeCun normal
+      )),
+      fusion=ml_collections.ConfigDict(dict(
+          name="attention",  # 'attention' | 'average' | 'max'
+          hidden=512,
+          dropout_rate=0.5,
+      )),
       scale_execution="loop",  # 'loop' | 'vmap'
       input_scale=1.0,  # images (RGB 0..255 minus mean) are multiplied by this; 1.0 for Caffe-trained VGG-16
       dtype="float32",  # 'float32' | 'bfloat16' (compute; parameters stay float32)
+      conv_impl="auto",  # 'auto' (by the mesh's platform) | 'xla' | 'cpu' (scaleattn/kernels, CPU only)
+      remat="none",  # 'none' | 'per_scale' | 'per_block': recompute the backbone in the backward pass
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
       extra_supervision=True,
       scale_weights=ml_collections.FieldReference(None, field_type=tuple),
-      per_scale_grid="output",  # 'output' (scale-1 grid) | 'native' (each scale's own grid)
-      ignore_label=255,
+      # Where each scale's own loss is taken: 'authors' (scales >= 0.75 on the scale-1 grid, smaller ones on
+      # their own grid, as the authors' configs), 'output' (all on the scale-1 grid), 'native' (all on their own).
+      per_scale_grid="authors",
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -83,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=30,
+      batch_size=30,  # global; padded with ignored examples to a multiple of the data-parallel devices
+      microbatches=1,  # gradient accumulation: the batch runs in this many slices, one update (Caffe: 3 x 10)
       num_steps=6000,
       log_every_steps=20,
       eval_every_steps=2000,

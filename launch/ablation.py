@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py:ablation", "Config of every run; cells override "
-                                "model.scales, model.fusion, loss.extra_supervision and seed.", lock_config=False)
+                                "model.scales, model.fusion.name, loss.extra_supervision and seed.", lock_config=False)
 flags.DEFINE_bool("reduced", False, "One seed and scales {1, 0.5} only.")
 flags.DEFINE_integer("seeds", 3, "Seeds per cell (0..n-1).")
 flags.DEFINE_list("cells", [], "Only these cells (names as in the table), e.g. 'baseline,s2-attention-esupv'.")
@@ -80,7 +80,7 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, seed: int) -> ml_co
   config = base.copy_and_resolve_references()
   config.seed = seed
   config.model.scales = cell.scales
-  config.model.fusion = "attention" if cell.fusion == "none" else cell.fusion  # one scale: no fusion runs
+  config.model.fusion.name = "attention" if cell.fusion == "none" else cell.fusion  # one scale: no fusion runs
   config.loss.extra_supervision = cell.extra_supervision
   return config
 
@@ -93,7 +93,7 @@ def _pin(core_queue) -> None:
 
 def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) one run, evaluates it on the test split and writes `result.json`; returns it."""
-  from scaleattn import train  # noqa: PLC0415 - JAX starts after the worker is pinned.
+  from scaleattn import evaluate, train  # noqa: PLC0415 - JAX starts after the worker is pinned.
   path = os.path.join(workdir, "result.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -108,7 +108,7 @@ def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seconds = time.perf_counter() - start
   test_config = config.copy_and_resolve_references()
   test_config.dataset.eval_split = None
-  test = train.evaluate(test_config, workdir)["test"]
+  test = evaluate.evaluate(test_config, workdir)["test"]
   result = {"train_seconds": seconds, "attempts": attempts, "steps": config.train.num_steps,
             "validation": {k: v for k, v in validation.items() if np.isscalar(v)}, "test": test}
   with open(path + ".tmp", "w") as f:
@@ -221,14 +221,14 @@ def plot_examples(config: ml_collections.ConfigDict, workdir: str, num: int, pat
   import jax  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
-  from scaleattn import input_pipeline, predict, visualize  # noqa: PLC0415
-  from scaleattn.state import build  # noqa: PLC0415
-  setup = build(config)
-  params = predict.restore_params(setup, workdir)
-  data = input_pipeline.create_datasets(config)
+  from scaleattn import checkpointing, input_pipeline, predict, visualize  # noqa: PLC0415
+  from scaleattn.state import build_experiment  # noqa: PLC0415
+  exp = build_experiment(config)
+  params, _ = checkpointing.restore_params(workdir, config.train, exp.abstract_state)
+  data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
   batch = next(iter(data.eval_batches("test")))
   mean = np.asarray(config.input.mean_rgb, np.float32)
-  pred, weights = jax.device_get(predict.full_resolution(params, batch["image"][:num], setup=setup))
+  pred, weights = jax.device_get(predict.full_resolution(params, batch["image"][:num], exp=exp))
   scales = tuple(config.model.scales)
   fig = Figure(figsize=(2.2 * (3 + len(scales)), 2.3 * num), layout="constrained")
   axes = fig.subplots(num, 3 + len(scales), squeeze=False)

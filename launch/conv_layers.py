@@ -5,10 +5,10 @@
 --config and --out are scaleattn.benchmark's flags.
 
 The layers are read off the model itself (every convolution of the config's backbone on one scale-1 crop, as
-`scaleattn.models.flops.conv_layers` finds them while the model is traced); identical layers are timed once and
+`scaleattn.perf.flops.conv_layers` finds them while the model is traced); identical layers are timed once and
 counted. For each layer it times, median of `--repeats` calls after two warm-up calls, the forward convolution,
-the input gradient and the weight gradient: JAX through `scaleattn.models.conv.conv2d` (the forms the model
-runs), PyTorch through `conv2d` and `aten.convolution_backward` (what autograd calls) in its default NCHW layout.
+the input gradient and the weight gradient: JAX through `scaleattn.kernels.cpu_conv.conv2d` (the forms the
+model runs on CPU), PyTorch through `conv2d` and `aten.convolution_backward` (what autograd calls) in its default NCHW layout.
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from scaleattn import benchmark, host_memory
-from scaleattn.models import flops
-from scaleattn.models.conv import conv2d
+from scaleattn.kernels.cpu_conv import conv2d
+from scaleattn.perf import benchmark, flops, host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("frameworks", ["jax", "torch"], "Frameworks to time (torch is optional).")
@@ -75,7 +74,7 @@ def torch_passes(layer: flops.Layer) -> dict[str, Callable[[], object]]:
 
 def main(argv):
   del argv
-  retained = host_memory.retain_if_flagged()
+  retained = host_memory.retain_on_cpu(FLAGS.retain_host_memory)
   builders = {"jax": jax_passes, "torch": torch_passes}
   rows, totals = [], {fw: dict.fromkeys(PASSES, 0.0) for fw in FLAGS.frameworks}
   for layer, count in backbone_layers(FLAGS.config).items():

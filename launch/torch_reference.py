@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-from scaleattn import benchmark, host_memory
+from scaleattn.perf import benchmark, host_memory
 
 FLAGS = flags.FLAGS  # --config, --scales, --batch_size and --out are scaleattn.benchmark's
 flags.DEFINE_integer("rounds", 10, "Timed rounds (one step of each framework per round) after warm-up.")
@@ -38,7 +38,7 @@ def _conv(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Conv2d:
 class LargeFOV(nn.Module):
   """DeepLab-LargeFOV; returns (scores, fc7)."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, num_classes):
     super().__init__()
     layers, cin = [], 3
     for block, (width, depth) in enumerate(zip(cfg.block_widths, cfg.block_depths, strict=True), start=1):
@@ -49,7 +49,7 @@ class LargeFOV(nn.Module):
     self.features = nn.Sequential(*layers)
     self.fc6 = _conv(cin, cfg.fc_width, dilation=cfg.fc6_dilation)
     self.fc7 = _conv(cfg.fc_width, cfg.fc_width, kernel=1)
-    self.fc8 = _conv(cfg.fc_width, cfg.num_classes, kernel=1)
+    self.fc8 = _conv(cfg.fc_width, num_classes, kernel=1)
     self.drop = nn.Dropout(cfg.dropout_rate)
 
   def forward(self, x):
@@ -63,11 +63,12 @@ class ShareNet(nn.Module):
 
   def __init__(self, cfg):
     super().__init__()
-    self.scales, self.fusion = tuple(cfg.scales), cfg.fusion
-    self.backbone = LargeFOV(cfg)
+    self.scales, self.fusion = tuple(cfg.scales), cfg.fusion.name
+    self.backbone = LargeFOV(cfg.backbone, cfg.num_classes)
     if len(self.scales) > 1 and self.fusion == "attention":
-      self.head = nn.Sequential(_conv(len(self.scales) * cfg.fc_width, cfg.attention_hidden), nn.ReLU(inplace=True),
-                                nn.Dropout(cfg.attention_dropout), _conv(cfg.attention_hidden, len(self.scales), 1))
+      width = cfg.backbone.fc_width
+      self.head = nn.Sequential(_conv(len(self.scales) * width, cfg.fusion.hidden), nn.ReLU(inplace=True),
+                                nn.Dropout(cfg.fusion.dropout_rate), _conv(cfg.fusion.hidden, len(self.scales), 1))
 
   def forward(self, images):
     h, w = images.shape[2:]
@@ -124,13 +125,14 @@ def torch_step_fn(config, batch_size: int, channels_last: bool):
 
 def main(argv):
   del argv
-  retained = host_memory.retain_if_flagged()  # for both frameworks: one process
+  retained = host_memory.retain_on_cpu(FLAGS.retain_host_memory)  # for both frameworks: one process
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   results = []
   for scales in scale_sets:
     config = base.copy_and_resolve_references()
     config.model.scales = scales
+    config.loss.per_scale_grid = "output"  # as the PyTorch step: every scale's loss on the scale-1 grid
     config.train.batch_size = FLAGS.batch_size
     steps = {"jax": lambda c: benchmark.train_runner(c).run,
              "torch": lambda c: torch_step_fn(c, FLAGS.batch_size, FLAGS.channels_last)}
@@ -144,7 +146,7 @@ def main(argv):
         t = time.perf_counter()
         run()
         times[name].append(time.perf_counter() - t)
-    row = {"scales": list(scales), "fusion": config.model.fusion, "batch_size": FLAGS.batch_size,
+    row = {"scales": list(scales), "fusion": config.model.fusion.name, "batch_size": FLAGS.batch_size,
            "crop_size": config.input.crop_size, "torch_channels_last": FLAGS.channels_last, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "pause_s": FLAGS.pause_s, "host_memory_retained": retained}
     for name, ts in times.items():

@@ -5,6 +5,9 @@
 #   ZONE=us-central2-b TPU_NAME=scaleattn ACCELERATOR=v4-32 \
 #     launch/tpu_vm.sh configs/voc.py gs://my-bucket/runs/voc "--config.dataset.data_dir=gs://my-bucket/tfds"
 #
+# The code the workers run: this checkout (its committed HEAD, copied to every worker), or REPO=<git URL> to clone
+# that instead. Any global batch runs on any number of chips (padded to the chip count), so configs/voc.py starts
+# unchanged on v4-8 (4 chips), v4-32 (16) and larger slices.
 # Use a gs:// workdir on pod slices: every worker must see the same checkpoint directory.
 set -euo pipefail
 
@@ -15,7 +18,7 @@ ZONE=${ZONE:?set ZONE}
 TPU_NAME=${TPU_NAME:-scaleattn}
 ACCELERATOR=${ACCELERATOR:-v4-8}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
-REPO=${REPO:-https://github.com/scaleattn/scaleattn.git}
+REPO=${REPO:-}
 LOCAL_RESULTS=${LOCAL_RESULTS:-results/${TPU_NAME}}
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone="${ZONE}"; }
@@ -24,10 +27,20 @@ if ! tpu describe "${TPU_NAME}" >/dev/null 2>&1; then
   tpu create "${TPU_NAME}" --accelerator-type="${ACCELERATOR}" --version="${RUNTIME}"
 fi
 
+if [ -n "${REPO}" ]; then
+  FETCH="rm -rf scaleattn && git clone ${REPO} scaleattn"
+else
+  ARCHIVE=$(mktemp --suffix=.tar.gz)
+  git -C "$(dirname "$0")/.." archive --format=tar.gz --prefix=scaleattn/ -o "${ARCHIVE}" HEAD
+  tpu scp --worker=all "${ARCHIVE}" "${TPU_NAME}:scaleattn.tar.gz"
+  rm -f "${ARCHIVE}"
+  FETCH="rm -rf scaleattn && tar xzf scaleattn.tar.gz"
+fi
+
 tpu ssh "${TPU_NAME}" --worker=all --command "
   set -e
-  [ -d scaleattn ] || git clone ${REPO} scaleattn
-  cd scaleattn && git pull --ff-only
+  ${FETCH}
+  cd scaleattn
   python3 -m venv .venv && . .venv/bin/activate
   pip install -q -c constraints.txt -e '.[tpu]'
 "

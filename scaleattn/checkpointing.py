@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -39,9 +38,6 @@ class Checkpoints:
     if "://" not in self.directory:  # Orbax's async saves need absolute local paths
       self.directory = os.path.abspath(self.directory)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
@@ -75,6 +71,17 @@ class Checkpoints:
     self._manager.close()
 
 
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) describing `tree`, the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def restore_params(workdir: str, train_cfg: ml_collections.ConfigDict, abstract_state: Any,
+                   step: int | None = None) -> tuple[Any, int]:
+  """(parameters, step) of a training workdir's checkpoint (latest readable, or `step`), restored into the shapes
+  and shardings of `abstract_state`; FileNotFoundError when there is none."""
+  directory = os.path.join(workdir, "checkpoints")
+  ckpts = Checkpoints(directory, train_cfg)
+  try:
+    state = ckpts.restore(abstract_state, step)
+  finally:
+    ckpts.close()
+  if state is None:
+    which = "readable checkpoint" if step is None else f"readable checkpoint at step {step}"
+    raise FileNotFoundError(f"no {which} in {directory}; train first")
+  return state.params, int(state.step)

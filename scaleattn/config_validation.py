@@ -1,20 +1,27 @@
-"""Checks a run's config before anything is built or compiled, so a typo costs one clear message,
-not a stack trace ten minutes into a run."""
+"""Checks a run's config before anything is built or compiled, so a typo costs one clear message, not a stack
+trace ten minutes into a run. The choices come from the modules that own them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import ml_collections
 
+from scaleattn import losses, optimizers
+from scaleattn.models import layers, multiscale, registry
+
 OUTPUT_STRIDE = 8
+ON_NONFINITE = ("raise", "skip")
 _CHOICES = {
-    "model.fusion": ("attention", "average", "max"),
-    "model.scale_execution": ("loop", "vmap"),
-    "model.dtype": ("float32", "bfloat16"),
-    "loss.per_scale_grid": ("output", "native"),
-    "optim.name": ("sgd", "adam"),
-    "optim.schedule": ("step", "poly", "cosine", "constant"),
-    "train.on_nonfinite": ("raise", "skip"),
+    "model.backbone.name": tuple(registry.BACKBONES),
+    "model.fusion.name": tuple(registry.FUSIONS),
+    "model.scale_execution": multiscale.SCALE_EXECUTIONS,
+    "model.dtype": tuple(registry.DTYPES),
+    "model.conv_impl": layers.CONV_IMPLS,
+    "model.remat": tuple(multiscale.REMAT_POLICIES),
+    "loss.per_scale_grid": losses.PER_SCALE_GRIDS,
+    "optim.name": optimizers.OPTIMIZERS,
+    "optim.schedule": optimizers.SCHEDULES,
+    "train.on_nonfinite": ON_NONFINITE,
 }
 
 
@@ -29,12 +36,27 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   return value
 
 
+def _module_settings(sub: ml_collections.ConfigDict, field: str, factories: dict) -> list[str]:
+  """Problems with the keywords a registry sub-config passes to its factory."""
+  if sub.name not in factories:
+    return []
+  allowed = registry.options(factories[sub.name])
+  return [f"config.{field}.{key}: not a setting of {field.split('.')[-1]} {sub.name!r} (it takes {allowed})"
+          for key in sub if key != "name" and key not in allowed]
+
+
+def _divisors(n: int) -> tuple[int, ...]:
+  return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
 def validate(config: ml_collections.ConfigDict, *, num_data_devices: int, process_count: int = 1) -> None:
-  """Raises ConfigError listing every problem found in `config`."""
+  """Raises ConfigError listing every problem found in `config` for a run over `num_data_devices` devices."""
   problems = []
   for field, choices in _CHOICES.items():
     if _get(config, field) not in choices:
       problems.append(f"config.{field}={_get(config, field)!r}: expected one of {choices}")
+  problems += _module_settings(config.model.backbone, "model.backbone", registry.BACKBONES)
+  problems += _module_settings(config.model.fusion, "model.fusion", registry.FUSIONS)
 
   scales: Sequence[float] = tuple(config.model.scales)
   if not scales or any(not s > 0 for s in scales):
@@ -59,10 +81,15 @@ def validate(config: ml_collections.ConfigDict, *, num_data_devices: int, proces
     problems.append(f"config.model.num_classes={config.model.num_classes}: expected at least 2")
 
   for field in ("train.batch_size", "eval.batch_size"):
-    size = _get(config, field)
-    if size < 1 or size % num_data_devices or size % process_count:
-      problems.append(f"config.{field}={size}: expected a positive multiple of the {num_data_devices} "
-                      f"data-parallel devices and of the {process_count} processes")
+    if _get(config, field) < 1:
+      problems.append(f"config.{field}={_get(config, field)}: expected a positive integer")
+  batch, k = config.train.batch_size, config.train.microbatches
+  if batch >= 1 and (k < 1 or batch % k):
+    problems.append(f"config.train.microbatches={k}: expected a divisor of config.train.batch_size={batch}, one "
+                    f"of {_divisors(batch)}")
+  if num_data_devices % process_count:
+    problems.append(f"config.mesh.data={config.mesh.data}: {num_data_devices} data-parallel devices cannot be split "
+                    f"evenly over {process_count} processes")
   for field in ("train.num_steps", "train.log_every_steps", "train.eval_every_steps",
                 "train.checkpoint_every_steps", "train.keep_checkpoints"):
     if _get(config, field) < 1:
@@ -72,6 +99,8 @@ def validate(config: ml_collections.ConfigDict, *, num_data_devices: int, proces
 
 
 def check_num_classes(config: ml_collections.ConfigDict, class_names: Sequence[str]) -> None:
-  if config.model.num_classes != len(class_names):
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes} disagrees with dataset "
-                      f"{config.dataset.name!r}, which has {len(class_names)} classes {tuple(class_names)}")
+  """The model and the dataset config count the dataset's classes."""
+  for field in ("dataset.num_classes", "model.num_classes"):
+    if _get(config, field) != len(class_names):
+      raise ConfigError(f"config.{field}={_get(config, field)} disagrees with dataset {config.dataset.name!r}, "
+                        f"which has {len(class_names)} classes {tuple(class_names)}")

@@ -33,8 +33,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-# The default `config.input.mean_rgb`: DeepLab's Caffe mean (BGR 104.008, 116.669, 122.675) in RGB order.
-DEEPLAB_MEAN_RGB = (122.675, 116.669, 104.008)
+from scaleattn.preprocessing import CAFFE_MEAN_RGB
+
 # What torchvision's ImageNet models expect: RGB in [0, 1], minus this mean, divided by this std.
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
@@ -92,7 +92,7 @@ def fold_input_normalisation(kernel: np.ndarray, bias: np.ndarray, mean_rgb: Seq
   return (kernel * scale[:, None]).astype(np.float32), new_bias.astype(np.float32)
 
 
-def vgg16_to_largefov(state: Mapping[str, Any], *, mean_rgb: Sequence[float] = DEEPLAB_MEAN_RGB,
+def vgg16_to_largefov(state: Mapping[str, Any], *, mean_rgb: Sequence[float] = CAFFE_MEAN_RGB,
                       fc_width: int = 1024, source: str = "state dict") -> Params:
   """torchvision VGG-16 state dict (name -> array) -> DeepLabLargeFOV parameters without fc8 (see the module
   docstring for the mapping). `fc_width` (a divisor of 4096) sets the fc6/fc7 decimation: 1024 keeps every 4th
@@ -193,7 +193,7 @@ def merge_pretrained(params: Mapping[str, Any], pretrained: Mapping[str, Mapping
         merged[layer][name] = np.asarray(value, dtype=backbone[layer][name].dtype)
   if problems:
     raise ValueError(f"{source} does not fit the model (a file from scaleattn.convert fits config.model."
-                     "block_widths=(64, 128, 256, 512, 512), block_depths=(2, 2, 3, 3, 3), fc_width=1024):\n  "
+                     "backbone.block_widths=(64, 128, 256, 512, 512), block_depths=(2, 2, 3, 3, 3), fc_width=1024):\n  "
                      + "\n  ".join(problems))
   kept = [layer for layer in backbone if layer not in pretrained]
   logging.info("Backbone from %s; layers keeping their initialisation: %s", source, ", ".join(kept) or "none")
@@ -205,9 +205,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--src", required=True, help="torchvision VGG-16 state dict: .pth (needs PyTorch) or .npz "
                       "with the same names")
   parser.add_argument("--out", required=True, help="output .npz, for config.init_from")
-  parser.add_argument("--mean_rgb", type=float, nargs=3, default=DEEPLAB_MEAN_RGB, metavar=("R", "G", "B"),
+  parser.add_argument("--mean_rgb", type=float, nargs=3, default=CAFFE_MEAN_RGB, metavar=("R", "G", "B"),
                       help="the mean the pipeline subtracts (config.input.mean_rgb), 0..255; default %(default)s")
-  parser.add_argument("--fc_width", type=int, default=1024, help="the model's fc6/fc7 width (config.model.fc_width)")
+  parser.add_argument("--fc_width", type=int, default=1024, help="the model's fc6/fc7 width (config.model.backbone.fc_width)")
   args = parser.parse_args(argv)
   params = vgg16_to_largefov(read_state(args.src), mean_rgb=args.mean_rgb, fc_width=args.fc_width, source=args.src)
   save_pretrained(args.out, params)

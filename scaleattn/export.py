@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +22,10 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
-from scaleattn import checkpointing, models, state
+from scaleattn import checkpointing, models
+from scaleattn.state import build_experiment
 
-FORMAT, VERSION = "scaleattn.export", 1
+FORMAT, VERSION = "scaleattn.export", 2  # 2: config.model with backbone and fusion sub-configs
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -96,17 +96,10 @@ def export_workdir(workdir: str, out: str, step: int | None = None) -> int:
   if not config_path.exists():
     raise FileNotFoundError(f"{config_path}: no such file; is {workdir} a training workdir?")
   config = config_from_json(config_path.read_text())
-  setup = state.build(config)
-  ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), config.train)
-  try:
-    restored = ckpts.restore(setup.abstract_state, step)
-  finally:
-    ckpts.close()
-  if restored is None:
-    which = "any" if step is None else f"step {step}"
-    raise FileNotFoundError(f"no readable checkpoint ({which}) in {os.path.join(workdir, 'checkpoints')}")
-  export_model(out, restored.params, config)
-  return int(restored.step)
+  params, restored_step = checkpointing.restore_params(workdir, config.train, build_experiment(config).abstract_state,
+                                                       step)
+  export_model(out, params, config)
+  return restored_step
 
 
 def main(argv: Sequence[str] | None = None) -> None:

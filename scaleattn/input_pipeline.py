@@ -2,14 +2,19 @@
 
 Random access makes exact resumption free: the global batch at step t holds the examples at global positions
 t*B .. t*B+B-1 of an endless stream that is a fresh permutation of the split every epoch, and each example's
-augmentation draws from a generator seeded by (seed, position). So batch t is the same whatever the start step
-or the number of processes, and no iterator state needs checkpointing; process i reads and decodes only rows
-i*b .. i*b+b-1 of every global batch (b = B / processes).
+augmentation draws from a generator seeded by (seed, position). So batch t is the same whatever the start step,
+the number of processes or of devices, and no iterator state needs checkpointing.
+
+Any global batch runs on any number of devices: a training batch is laid out as [microbatches, rows], each
+microbatch holding B / microbatches real examples and, up to a multiple of the data-parallel devices, padding
+examples whose every label is IGNORE_LABEL. Every loss is a mean over valid pixels, so padding changes nothing but
+the compute spent. Each process reads and decodes only its own rows of every microbatch.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from scaleattn import datasets, preprocessing  # importing datasets registers the builders
+from scaleattn import config_validation, datasets, preprocessing  # importing datasets registers the builders
 
 _ENDLESS = 2**40  # positions of the training stream; a MapDataset needs a length
 _AUGMENT_STREAM = 1  # keeps augmentation draws apart from epoch permutations, which use (seed, epoch)
@@ -55,28 +60,57 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+  """How a global batch of `real` examples is laid out: `microbatches` slices of `rows` rows each, of which the first
+  real // microbatches are examples and the rest padding; `rows` is a multiple of the data-parallel devices and of
+  the processes."""
+  real: int
+  microbatches: int
+  rows: int
+
+  @property
+  def real_per_microbatch(self) -> int:
+    return self.real // self.microbatches
+
+  @property
+  def padding_fraction(self) -> float:
+    return 1.0 - self.real / (self.microbatches * self.rows)
+
+
+def batch_layout(batch_size: int, microbatches: int, data_devices: int, process_count: int) -> BatchLayout:
+  """The layout of a global batch of `batch_size` examples in `microbatches` slices over the devices."""
+  multiple = math.lcm(data_devices, process_count)
+  per_microbatch = batch_size // microbatches
+  return BatchLayout(batch_size, microbatches, -(-per_microbatch // multiple) * multiple)
+
+
 @dataclasses.dataclass
 class Datasets:
-  """Training and evaluation batches of one process."""
+  """Training and evaluation batches of one process of a run over `data_devices` data-parallel devices."""
   config: ml_collections.ConfigDict
   builder: tfds.core.DatasetBuilder
   process_index: int
   process_count: int
+  data_devices: int = 1
   _sources: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)
 
   def __post_init__(self):
-    names, expected = self.class_names, self.config.dataset.num_classes
-    if len(names) != expected:
-      raise ValueError(f"config.dataset.num_classes={expected} but dataset {self.config.dataset.name!r} has "
-                       f"{len(names)} classes {names}")
-    for field in ("train", "eval"):
-      size = self.config[field].batch_size
-      if size % self.process_count:
-        raise ValueError(f"config.{field}.batch_size={size} is not divisible by the {self.process_count} processes")
+    config_validation.check_num_classes(self.config, self.class_names)
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return datasets.class_names(self.config.dataset.name)
+
+  @property
+  def train_layout(self) -> BatchLayout:
+    train = self.config.train
+    return batch_layout(train.batch_size, train.microbatches, self.data_devices, self.process_count)
+
+  @property
+  def eval_batch_size(self) -> int:
+    """The evaluation batch rounded up to a multiple of the devices and processes (filled with more examples)."""
+    return batch_layout(self.config.eval.batch_size, 1, self.data_devices, self.process_count).rows
 
   def source(self, split: str):
     """Random access to the decoded examples of `split`."""
@@ -88,47 +122,60 @@ class Datasets:
     return self._sources[split]
 
   def _batches(self, positions: grain.MapDataset, load: Callable[[int], dict[str, np.ndarray]],
-               local_batch: int) -> Iterator[dict[str, np.ndarray]]:
+               local_batch: int) -> grain.IterDataset:
     """Loads the examples at `positions` in reading threads (or worker processes) and batches them in order."""
     cfg = self.config.input
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.prefetch) * local_batch)
     ds = positions.map(load).to_iter_dataset(read)
     if cfg.worker_count:
-      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app take the defaults
-        flags.FLAGS.mark_as_parsed()
+      if not flags.FLAGS.is_parsed():
+        raise ValueError(f"config.input.worker_count={cfg.worker_count}: grain's worker processes read absl flags, "
+                         "which are not parsed outside an absl app; call absl.flags.FLAGS.mark_as_parsed() first, "
+                         "or use worker_count=0")
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return iter(ds.batch(local_batch))
-
-  def _local_rows(self, global_batch: int, num_steps: int, first_step: int = 0) -> grain.MapDataset:
-    """Global stream positions of this process's rows of batches first_step .. first_step+num_steps-1."""
-    local = global_batch // self.process_count
-    offset = self.process_index * local
-    return grain.MapDataset.range(first_step * local, (first_step + num_steps) * local).map(
-        lambda k: (k // local) * global_batch + offset + k % local)
+    return ds.batch(local_batch)
 
   def train_batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of the global training batches from `start_step` on (endless)."""
+    """This process's rows of the global training batches from `start_step` on (endless), each array
+    [microbatches, rows / processes, ...]."""
     cfg = self.config
     src = self.source(cfg.dataset.train_split)
     n = len(src)
+    layout = self.train_layout
+    local = layout.rows // self.process_count
+    first_row = self.process_index * local
+    per_step = layout.microbatches * local
+    crop = cfg.input.crop_size
 
-    def load(position: int) -> dict[str, np.ndarray]:
-      epoch, offset = divmod(position, n)
+    def position(q: int) -> int:
+      """Stream position of local row q (counted from step 0), or -1 for padding."""
+      step, rest = divmod(q, per_step)
+      microbatch, row = divmod(rest, local)
+      row += first_row
+      if row >= layout.real_per_microbatch:
+        return -1
+      return step * layout.real + microbatch * layout.real_per_microbatch + row
+
+    def load(q: int) -> dict[str, np.ndarray]:
+      pos = position(q)
+      if pos < 0:
+        return preprocessing.padding_example(crop, with_mask=False, with_instance_size=False)
+      epoch, offset = divmod(pos, n)
       example = src[int(_permutation(cfg.seed, epoch, n)[offset])]
       return preprocessing.train_example(
           np.asarray(example["image"]), np.asarray(example["label"]),
-          np.random.default_rng([cfg.seed, _AUGMENT_STREAM, position]), crop_size=cfg.input.crop_size,
+          np.random.default_rng([cfg.seed, _AUGMENT_STREAM, pos]), crop_size=crop,
           mean_rgb=cfg.input.mean_rgb, mirror=cfg.input.random_mirror, scale_range=cfg.input.random_scale)
 
-    global_batch = cfg.train.batch_size
-    rows = self._local_rows(global_batch, _ENDLESS // global_batch - start_step, start_step)
-    return self._batches(rows, load, global_batch // self.process_count)
+    rows = grain.MapDataset.range(start_step * per_step, _ENDLESS)
+    shape = lambda batch: {k: v.reshape(layout.microbatches, local, *v.shape[1:]) for k, v in batch.items()}
+    return iter(self._batches(rows, load, per_step).map(shape))
 
   def num_eval_examples(self, split: str) -> int:
     return len(self.source(split))
 
   def num_eval_batches(self, split: str) -> int:
-    return -(-self.num_eval_examples(split) // self.config.eval.batch_size)
+    return -(-self.num_eval_examples(split) // self.eval_batch_size)
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """Every example of `split` once, in order, padded to eval_size; the last global batch is filled up with
@@ -140,20 +187,24 @@ class Datasets:
 
     def load(position: int) -> dict[str, np.ndarray]:
       if position >= n:
-        return preprocessing.empty_eval_example(cfg.input.eval_size, with_sizes)
+        return preprocessing.padding_example(cfg.input.eval_size, with_mask=True, with_instance_size=with_sizes)
       example = src[position]
       return preprocessing.eval_example(
           np.asarray(example["image"]), np.asarray(example["label"]), eval_size=cfg.input.eval_size,
           mean_rgb=cfg.input.mean_rgb, instance_size=example.get("instance_size"))
 
-    global_batch = cfg.eval.batch_size
-    rows = self._local_rows(global_batch, self.num_eval_batches(split))
-    return self._batches(rows, load, global_batch // self.process_count)
+    global_batch = self.eval_batch_size
+    local = global_batch // self.process_count
+    offset = self.process_index * local
+    rows = grain.MapDataset.range(self.num_eval_batches(split) * local).map(
+        lambda k: (k // local) * global_batch + offset + k % local)
+    return iter(self._batches(rows, load, local))
 
 
-def create_datasets(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+def create_datasets(config: ml_collections.ConfigDict, *, data_devices: int = 1, process_index: int | None = None,
                     process_count: int | None = None) -> Datasets:
-  """Prepares config.dataset if needed and returns this process's view of it (defaults: JAX's process)."""
+  """Prepares config.dataset if needed and returns this process's view of it for a run whose batches are split
+  over `data_devices` devices (default process: JAX's)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  return Datasets(config, prepare(config.dataset), process_index, process_count)
+  return Datasets(config, prepare(config.dataset), process_index, process_count, data_devices)

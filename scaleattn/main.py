@@ -1,8 +1,13 @@
 """Command line: `python -m scaleattn.main --config=configs/shapes.py --workdir=/tmp/run [--mode=train|eval|predict]`.
 
 Flags and start-up only; the work is done by importable functions (`train.train_and_evaluate` and friends).
+A config, data or checkpoint problem prints its message alone and exits with status 2; `--verbosity=1` (or
+SCALEATTN_TRACEBACK=1) shows the traceback too.
 """
+import json
 import os
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only datasets and event files.
 
@@ -10,7 +15,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scaleattn import distributed, host_memory
+from scaleattn import distributed
+from scaleattn.perf import host_memory
+from scaleattn.perf.environment import environment
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:smoke.",
@@ -28,38 +35,67 @@ flags.DEFINE_string("compilation_cache_dir",
                     os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/scaleattn/xla")),
                     "Persistent XLA compilation cache: a rerun or a resumed run loads its compiled steps from here "
                     "instead of compiling them again ('' turns it off).")
+flags.DEFINE_bool("retain_host_memory", True, host_memory.FLAG_HELP)
+flags.DEFINE_string("results", "", "Also write what the run returned (final metrics), its wall time and where it ran "
+                    "to this JSON file, e.g. a record under launch/results/.")
 flags.mark_flags_as_required(["workdir"])
 
+USER_ERROR_EXIT = 2
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.retain_if_flagged()
-  import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
-  tf.config.set_visible_devices([], "GPU")
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if FLAGS.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
 
-  from scaleattn import predict, train  # noqa: PLC0415 - after the runtime is initialised.
+def run(mode: str) -> object:
+  from scaleattn import evaluate, predict, train  # noqa: PLC0415 - after the runtime is initialised.
   config, params = FLAGS.config, None
   if FLAGS.exported:
     from scaleattn import export  # noqa: PLC0415
     params, config = export.load_exported(FLAGS.exported)
   if config is None:
     raise app.UsageError("--config is required unless --exported gives a model with its config.")
-  if FLAGS.mode == "train":
+  if mode == "train":
     try:
-      result = train.train_and_evaluate(config, FLAGS.workdir)
+      return train.train_and_evaluate(config, FLAGS.workdir)
     except train.Preempted as e:  # a clean exit: the scheduler restarts the job, which resumes
       logging.warning("%s", e)
-      return
-  elif FLAGS.mode == "eval":
-    result = train.evaluate(config, FLAGS.workdir, params=params)
-  else:
-    out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
-    result = predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir, params=params)
+      return None
+  if mode == "eval":
+    return evaluate.evaluate(config, FLAGS.workdir, params=params)
+  out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
+  return predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir, params=params)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """Errors whose message says all a person needs: a bad config, bad data, a missing file, a diverged run."""
+  from scaleattn import config_validation, datasets, train  # noqa: PLC0415
+  return config_validation.ConfigError, datasets.DataError, FileNotFoundError, train.NonFiniteError
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_memory.retain_on_cpu(FLAGS.retain_host_memory)
+  import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
+  tf.config.set_visible_devices([], "GPU")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
+  start = time.perf_counter()
+  try:
+    result = run(FLAGS.mode)
+  except _user_errors() as e:
+    if FLAGS.verbosity >= 1 or os.environ.get("SCALEATTN_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
   logging.info("Done: %s", result)
+  if FLAGS.results and jax.process_index() == 0:
+    write_results(FLAGS.results, result, time.perf_counter() - start)
+
+
+def write_results(path: str, result: object, wall_s: float) -> None:
+  record = {"command": " ".join(sys.argv), "wall_s": wall_s, **environment(), "result": result}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
 
 
 if __name__ == "__main__":

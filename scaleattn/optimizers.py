@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "poly", "cosine", "constant")
+
 
 def create_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """The base learning rate per step (before per-parameter multipliers)."""
@@ -27,7 +30,7 @@ def create_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
   elif cfg.schedule == "constant":
     schedule = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected 'step', 'poly', 'cosine' or 'constant'")
+    raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected one of {SCHEDULES}")
   if cfg.warmup_steps:
     warmup = optax.linear_schedule(0.0, lr, cfg.warmup_steps)
     schedule = optax.join_schedules([warmup, schedule], [cfg.warmup_steps])
@@ -87,5 +90,5 @@ def create_optimizer(cfg: ml_collections.ConfigDict, params, num_steps: int
         optax.scale(-1.0),
     ]
   else:
-    raise ValueError(f"config.optim.name={cfg.name!r}: expected 'sgd' or 'adam'")
+    raise ValueError(f"config.optim.name={cfg.name!r}: expected one of {OPTIMIZERS}")
   return optax.chain(*chain), schedule

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = 255  # void: padding, object borders; ignored by every loss and metric
+CAFFE_MEAN_RGB = (122.675, 116.669, 104.008)  # DeepLab's Caffe mean (BGR 104.008, 116.669, 122.675) as RGB
 
 
 def random_scale(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
@@ -61,11 +62,12 @@ def eval_example(image: np.ndarray, label: np.ndarray, *, eval_size: int, mean_r
   return out
 
 
-def empty_eval_example(eval_size: int, with_instance_size: bool) -> dict[str, np.ndarray]:
-  """Filler for the last evaluation batch: all padding, counted nowhere."""
-  out = {"image": np.zeros((eval_size, eval_size, 3), np.float32),
-         "label": np.full((eval_size, eval_size), IGNORE_LABEL, np.int32),
-         "mask": np.zeros((eval_size, eval_size), bool)}
+def padding_example(size: int, *, with_mask: bool, with_instance_size: bool) -> dict[str, np.ndarray]:
+  """A size x size example that counts nowhere: the mean image, every label IGNORE_LABEL (and mask False)."""
+  out = {"image": np.zeros((size, size, 3), np.float32),
+         "label": np.full((size, size), IGNORE_LABEL, np.int32)}
+  if with_mask:
+    out["mask"] = np.zeros((size, size), bool)
   if with_instance_size:
-    out["instance_size"] = np.zeros((eval_size, eval_size), np.float32)
+    out["instance_size"] = np.zeros((size, size), np.float32)
   return out

@@ -25,16 +25,17 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
   return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n], axis_types=(AxisType.Auto,))
 
 
-def data_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+def data_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+  """Arrays split over the data axis along `batch_axis` (1 for training batches [microbatches, rows, ...])."""
+  return NamedSharding(mesh, P(*(None,) * batch_axis, DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This process's rows of every array -> global arrays sharded along the batch axis."""
-  sharding = data_sharding(mesh)
+def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], batch_axis: int = 0) -> dict[str, jax.Array]:
+  """This process's rows of every array -> global arrays sharded along `batch_axis`."""
+  sharding = data_sharding(mesh, batch_axis)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items() if np.asarray(v).dtype.kind in "biuf"}

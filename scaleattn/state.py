@@ -1,4 +1,4 @@
-"""The training state and the static pieces of a run (model, optimizer, mesh), built once from a config."""
+"""The training state, and the static pieces of an experiment (model, optimizer, mesh) built once from a config."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from scaleattn import config_validation, models, optimizers, sharding
+from scaleattn.models import layers
 
 
 @flax.struct.dataclass
@@ -24,26 +25,41 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
-class Setup:
-  """The static pieces of a run, built once from its config."""
+class Experiment:
+  """The static pieces of a run, built once from its config: the mesh, the model with its kernels chosen for the
+  mesh's platform, the optimizer, and the state's initialiser and abstract shape (the restore target)."""
   config: ml_collections.ConfigDict
   mesh: Mesh
   model: models.MultiScaleNet
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   init_state: Callable[[jax.Array], TrainState]  # jitted, replicated output
-  abstract_state: TrainState  # shapes, dtypes and shardings: the restore target
+  abstract_state: TrainState
 
   @property
   def num_classes(self) -> int:
     return self.config.model.num_classes
 
+  @property
+  def scales(self) -> tuple[float, ...]:
+    return tuple(float(s) for s in self.config.model.scales)
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
-  """Validates the config and builds model, optimizer and state initialiser without computing anything."""
+
+def mesh_platform(mesh: Mesh) -> str:
+  return mesh.devices.flat[0].platform
+
+
+def build_experiment(config: ml_collections.ConfigDict, mesh: Mesh | None = None, platform: str | None = None
+                     ) -> Experiment:
+  """Validates the config and builds model, optimizer and state initialiser without computing anything.
+
+  platform: where the programs will run (default: the mesh's devices' platform); it resolves
+  config.model.conv_impl='auto', so a program lowered on this host for 'cuda' or 'tpu' carries no CPU kernels.
+  """
   mesh = mesh or sharding.make_mesh(config.mesh)
   config_validation.validate(config, num_data_devices=mesh.size, process_count=jax.process_count())
-  model = models.build_model(config.model)
+  conv_impl = layers.resolve_conv_impl(config.model.conv_impl, platform or mesh_platform(mesh))
+  model = models.build_model(config.model, conv_impl)
   crop = config.input.crop_size
   dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
   abstract_params = jax.eval_shape(lambda r: model.init(r, dummy, train=False)["params"], jax.random.key(0))
@@ -57,15 +73,4 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Setup:
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), abstract)
-  return Setup(config, mesh, model, tx, schedule, init_state, abstract)
-
-
-def predict_scores(params: Any, images: jax.Array, *, setup: Setup, flip: bool) -> models.MultiScaleOutput:
-  """Eval-mode forward pass; with `flip`, fused and per-scale scores and weights average the image and its mirror."""
-  out = setup.model.apply({"params": params}, images, train=False)
-  if not flip:
-    return out
-  mirrored = setup.model.apply({"params": params}, images[:, :, ::-1], train=False)
-  return out.replace(fused=(out.fused + mirrored.fused[:, :, ::-1]) / 2,
-                     per_scale=(out.per_scale + mirrored.per_scale[:, :, ::-1]) / 2,
-                     weights=(out.weights + mirrored.weights[:, :, ::-1]) / 2)
+  return Experiment(config, mesh, model, tx, schedule, init_state, abstract)

@@ -1,5 +1,5 @@
 """Pictures of predictions: VOC-palette label maps, per-scale weight heat maps and a panel like the paper's figure
-(image | weight map per scale | prediction). NumPy, Pillow and matplotlib only, so it runs on any host.
+(image | weight map per scale | prediction), drawn on the host with NumPy, Pillow and matplotlib.
 
 Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: they render with Agg whatever
 backend the process uses, hold no global state, and a notebook still shows a returned figure."""
@@ -13,6 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
+
+from scaleattn.models.resize import interpolation_matrix
 
 HEATMAP_CMAP = "jet"  # as in the paper's weight-map figures
 
@@ -57,18 +59,6 @@ def heatmap(weights: np.ndarray) -> np.ndarray:
   return np.round(rgba[..., :3] * 255).astype(np.uint8)
 
 
-def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
-  """[n_out, n_in] linear interpolation weights sampling n_in points at align-corners positions."""
-  pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
-  lo = np.minimum(np.floor(pos).astype(int), n_in - 1)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = pos - lo
-  m = np.zeros((n_out, n_in))
-  np.add.at(m, (np.arange(n_out), lo), 1 - frac)
-  np.add.at(m, (np.arange(n_out), hi), frac)
-  return m
-
-
 def resize_weights(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear, align-corners resize of weights [h, w, S] (the score-map grid) to size (H, W)."""
   weights = np.asarray(weights, np.float64)
@@ -76,7 +66,8 @@ def resize_weights(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     raise ValueError(f"resize_weights: expected weights [h, w, S], got shape {weights.shape}")
   if weights.shape[:2] == tuple(size):
     return weights
-  rows, cols = _align_corners_matrix(size[0], weights.shape[0]), _align_corners_matrix(size[1], weights.shape[1])
+  rows = interpolation_matrix(size[0], weights.shape[0]).astype(np.float64)
+  cols = interpolation_matrix(size[1], weights.shape[1]).astype(np.float64)
   return np.einsum("Hh,hws,Ww->HWs", rows, weights, cols)
 
 

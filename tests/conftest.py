@@ -24,3 +24,16 @@ def _session_tempdir(tmp_path_factory):
     patch.setattr(tempfile, "tempdir", path)
     patch.setenv("TMPDIR", path)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session and the processes it starts: the smoke steps that many
+  tests build compile once. A cached executable computes exactly what a fresh compilation does."""
+  import jax  # noqa: PLC0415 - after the environment above is set
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)

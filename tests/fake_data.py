@@ -103,7 +103,7 @@ def make_person_part(root, train_ids, val_ids, size=(10, 12)) -> dict[str, np.nd
 
 def pipeline_config(data_dir, *, name="scale_shapes", builder_config="smoke", num_classes=5, crop_size=49,
                     eval_size=81, train_batch=4, eval_batch=6, mirror=True, scale=(1.0, 1.0), worker_count=0,
-                    manual_dir=None, seed=0) -> ml_collections.ConfigDict:
+                    manual_dir=None, seed=0, microbatches=1) -> ml_collections.ConfigDict:
   """The config fields the input pipeline reads, and nothing else."""
   return ml_collections.ConfigDict({
       "seed": seed,
@@ -112,6 +112,7 @@ def pipeline_config(data_dir, *, name="scale_shapes", builder_config="smoke", nu
                   "num_classes": num_classes},
       "input": {"crop_size": crop_size, "eval_size": eval_size, "mean_rgb": MEAN_RGB, "random_mirror": mirror,
                 "random_scale": scale, "worker_count": worker_count, "prefetch": 2},
-      "train": {"batch_size": train_batch},
+      "model": {"num_classes": num_classes},
+      "train": {"batch_size": train_batch, "microbatches": microbatches},
       "eval": {"batch_size": eval_batch},
   })

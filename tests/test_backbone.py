@@ -1,4 +1,5 @@
-"""DeepLab-LargeFOV: exact VGG-16 size, Caffe geometry and a forward pass against a NumPy transcription."""
+"""DeepLab-LargeFOV: exact VGG-16 size, Caffe geometry and a forward pass against a NumPy transcription, with the
+plain (XLA) kernels and the CPU ones."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,7 @@ import numpy_reference as ref
 import pytest
 
 from scaleattn.models import DeepLabLargeFOV, output_size, scaled_size
-from scaleattn.models.backbone import max_pool_3x3
+from scaleattn.models.layers import max_pool_3x3
 
 TINY = dict(block_widths=(3, 4, 4, 5, 5), block_depths=(1, 2, 1, 2, 1), fc_width=6, fc6_dilation=2)
 VGG_LAYERS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
@@ -31,6 +32,15 @@ def test_vgg16_largefov_has_20505429_parameters():
   assert params["fc8"]["kernel"].shape == (1, 1, 1024, 21) and params["fc8"]["bias"].shape == (21,)
 
 
+def test_fc8_starts_from_deeplabs_gaussian():
+  """DeepLab's prototxt: fc8 weights N(0, 0.01), bias 0."""
+  model = DeepLabLargeFOV(21, block_widths=(4, 4, 4, 4, 4), fc_width=1024)
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 9, 9, 3)), train=False)["params"])()
+  kernel = np.asarray(params["fc8"]["kernel"])
+  assert abs(kernel.std() - 0.01) < 0.0005 and abs(kernel.mean()) < 0.0005
+  assert not np.asarray(params["fc8"]["bias"]).any()
+
+
 @pytest.mark.parametrize("size, expected", [((321, 321), (41, 41)), ((513, 513), (65, 65)),
                                             ((353, 497), (45, 63))])
 def test_output_size_of_the_full_network(size, expected):
@@ -48,16 +58,18 @@ def test_caffe_sizes():
   assert [output_size(n) for n in (321, 241, 161, 513)] == [41, 31, 21, 65]
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(7, 7), (8, 5), (1, 2), (10, 9)])
-def test_max_pool_is_caffe_ceil_mode(stride, size):
+def test_max_pool_is_caffe_ceil_mode(stride, size, impl):
   x = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32) - 3.0  # negative: pad must not win
-  np.testing.assert_array_equal(max_pool_3x3(jnp.asarray(x), stride), ref.max_pool(x, stride))
+  np.testing.assert_array_equal(max_pool_3x3(jnp.asarray(x), stride, impl), ref.max_pool(x, stride))
 
 
+@pytest.mark.parametrize("conv_impl", ["xla", "cpu"])
 @pytest.mark.parametrize("conv5_dilation", [2, 1])
-def test_forward_matches_numpy(conv5_dilation):
-  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation)
+def test_forward_matches_numpy(conv5_dilation, conv_impl):
+  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation, conv_impl=conv_impl)
   x = np.random.default_rng(1).normal(size=(2, 35, 27, 3)).astype(np.float32)
   variables = ref.random_variables(model, x, train=False)
   scores, fc7 = _apply(model)(variables, x, train=False)
@@ -69,8 +81,9 @@ def test_forward_matches_numpy(conv5_dilation):
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
 
 
-def test_valid_size_makes_a_padded_image_compute_what_it_computes_alone():
-  model = DeepLabLargeFOV(4, **TINY)
+@pytest.mark.parametrize("conv_impl", ["xla", "cpu"])
+def test_valid_size_makes_a_padded_image_compute_what_it_computes_alone(conv_impl):
+  model = DeepLabLargeFOV(4, **TINY, conv_impl=conv_impl)
   x = np.random.default_rng(2).normal(size=(1, 21, 18, 3)).astype(np.float32)
   canvas = np.pad(x, ((0, 0), (0, 12), (0, 15), (0, 0)))
   variables = ref.random_variables(model, x, train=False)

@@ -1,7 +1,7 @@
 """Each bad config value gives one message naming the field, the value and what was expected."""
 import pytest
 
-from configs import base
+from configs import base, person_part, shapes, voc
 from scaleattn import config_validation as cv
 
 
@@ -9,10 +9,14 @@ def _validate(config, devices=4, processes=1):
   cv.validate(config, num_data_devices=devices, process_count=processes)
 
 
-def test_paper_config_is_valid_on_one_and_two_devices():
-  config = base.get_config()
-  for devices in (1, 2):
-    _validate(config, devices=devices)
+@pytest.mark.parametrize("get_config", [voc.get_config, person_part.get_config, shapes.get_config],
+                         ids=["voc", "person_part", "shapes"])
+@pytest.mark.parametrize("devices", [1, 2, 4, 8, 16, 32, 64, 256])
+def test_shipped_configs_are_valid_on_any_data_axis(get_config, devices):
+  """Batches are padded to the device count, so every shipped config starts on the launchers' topologies (a TPU
+  v4-8's 4 chips, v4-32's 16, 2 nodes x 8 GPUs) and beyond, one process per 4 or 8 devices as they run."""
+  for processes in {1, max(1, devices // 8), max(1, devices // 4)}:
+    _validate(get_config(), devices=devices, processes=processes)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -20,47 +24,57 @@ def test_paper_config_is_valid_on_one_and_two_devices():
     ("model.scales", (1.0, -0.5), "config.model.scales=(1.0, -0.5): expected a non-empty tuple of positive"),
     ("model.scales", (0.5, 1.0), "the first scale must be 1.0"),
     ("model.scales", (1.0, 0.5, 0.5), "scales must be distinct"),
-    ("model.fusion", "mean", "config.model.fusion='mean': expected one of ('attention', 'average', 'max')"),
+    ("model.fusion.name", "mean", "config.model.fusion.name='mean': expected one of ('attention', 'average', 'max')"),
+    ("model.backbone.name", "resnet", "config.model.backbone.name='resnet': expected one of ('largefov',)"),
+    ("model.backbone.fc_widht", 8, "config.model.backbone.fc_widht: not a setting of backbone 'largefov' (it takes"),
+    ("model.fusion.hiden", 8, "config.model.fusion.hiden: not a setting of fusion 'attention' (it takes ('hidden',"),
+    ("model.conv_impl", "cudnn", "config.model.conv_impl='cudnn': expected one of ('auto', 'xla', 'cpu')"),
+    ("model.remat", "all", "config.model.remat='all': expected one of ('none', 'per_scale', 'per_block')"),
+    ("train.microbatches", 4, "config.train.microbatches=4: expected a divisor of config.train.batch_size=30, one "
+                              "of (1, 2, 3, 5, 6, 10, 15, 30)"),
+    ("train.microbatches", 0, "config.train.microbatches=0: expected a divisor"),
     ("model.scale_execution", "pmap", "config.model.scale_execution='pmap'"),
     ("model.dtype", "float16", "config.model.dtype='float16'"),
     ("loss.per_scale_grid", "input", "config.loss.per_scale_grid='input'"),
     ("loss.scale_weights", (1.0,), "expected one weight per scale (3)"),
     ("input.crop_size", 7, "config.input.crop_size=7: expected at least the output stride 8"),
     ("input.random_scale", (1.5, 0.5), "expected 0 < min <= max"),
-    ("train.batch_size", 30, "config.train.batch_size=30: expected a positive multiple of the 4 data-parallel"),
+    ("train.batch_size", 0, "config.train.batch_size=0: expected a positive integer"),
     ("train.num_steps", 0, "config.train.num_steps=0: expected a positive integer"),
     ("optim.name", "lamb", "config.optim.name='lamb'"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite='ignore'"),
 ])
 def test_bad_values(field, value, message):
   config = base.get_config()
-  config.train.batch_size = 32
-  section, key = field.split(".")
-  config[section][key] = value
+  *path, key = field.split(".")
+  section = config
+  for name in path:
+    section = section[name]
+  section[key] = value
   with pytest.raises(cv.ConfigError, match=None) as err:
     _validate(config)
   assert message in str(err.value)
 
 
-def test_batch_must_divide_over_processes():
+def test_devices_must_split_evenly_over_processes():
   config = base.get_config()
-  config.train.batch_size, config.eval.batch_size = 6, 6
-  _validate(config, devices=2, processes=2)
-  config.eval.batch_size = 3
-  with pytest.raises(cv.ConfigError, match="config.eval.batch_size=3"):
-    _validate(config, devices=1, processes=2)
+  config.mesh.data = 6
+  with pytest.raises(cv.ConfigError, match="config.mesh.data=6: 6 data-parallel devices cannot be split evenly over "
+                                           "4 processes"):
+    _validate(config, devices=6, processes=4)
 
 
 def test_all_problems_reported_together():
   config = base.get_config()
-  config.model.fusion, config.input.crop_size = "sum", 4
+  config.model.fusion.name, config.input.crop_size = "sum", 4
   with pytest.raises(cv.ConfigError) as err:
     _validate(config, devices=1)
-  assert "config.model.fusion='sum'" in str(err.value) and "config.input.crop_size=4" in str(err.value)
+  assert "config.model.fusion.name='sum'" in str(err.value) and "config.input.crop_size=4" in str(err.value)
 
 
 def test_class_count_must_match_dataset():
   config = base.get_config()
   cv.check_num_classes(config, [str(i) for i in range(21)])
-  with pytest.raises(cv.ConfigError, match="num_classes=21 disagrees with dataset 'voc2012_aug', which has 7"):
+  with pytest.raises(cv.ConfigError, match="config.dataset.num_classes=21 disagrees with dataset 'voc2012_aug', "
+                                           "which has 7"):
     cv.check_num_classes(config, [str(i) for i in range(7)])

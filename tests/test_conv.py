@@ -1,5 +1,6 @@
-"""The backbone's convolution variants compute what a plain convolution computes: values against a NumPy tap-by-tap
-convolution, gradients against a NumPy transcription of the convolution's adjoints."""
+"""The CPU convolution kernels compute what a plain convolution computes: values against a NumPy tap-by-tap
+convolution, gradients against a NumPy transcription of the convolution's adjoints; and each shape runs the form
+meant for it."""
 import itertools
 
 import flax.linen as nn
@@ -9,7 +10,8 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from scaleattn.models import conv
+from scaleattn.kernels import cpu_conv as conv
+from scaleattn.models import layers
 
 
 def _np_grads(x, w, g, dilation):
@@ -58,14 +60,27 @@ def test_winograd_with_its_adjoints(shape, strips):
   _check(jax.jit(lambda x, w, d: conv._conv_winograd(x, w, strips), static_argnums=2), shape, 6, 1)
 
 
-@pytest.mark.parametrize("shape, cout, dilation, kernel", [((1, 130, 121, 2), 3, 1, 3),  # strips (>= 120 x 120)
-                                                           ((1, 21, 21, 3), 3, 12, 3),  # taps (padding-heavy)
-                                                           ((1, 10, 10, 3), 3, 2, 3),  # plain convolution
-                                                           ((1, 11, 9, 128), 128, 1, 3),  # Winograd
-                                                           ((1, 11, 10, 128), 128, 2, 3),  # ... on dilation phases
-                                                           ((1, 6, 5, 3), 3, 1, 1)])  # 1x1: a matmul
-def test_conv2d_picks_a_variant_and_stays_exact(shape, cout, dilation, kernel):
+@pytest.mark.parametrize("shape, cout, dilation, kernel, form", [
+    ((1, 130, 121, 2), 3, 1, 3, "strips"),  # >= 120 x 120
+    ((1, 21, 21, 3), 3, 12, 3, "taps"),  # most taps read padding
+    ((1, 20, 20, 3), 3, 2, 3, "xla"),  # few channels, small map
+    ((1, 11, 9, 128), 128, 1, 3, "winograd"),
+    ((1, 24, 22, 128), 128, 2, 3, "winograd_phases"),  # as conv5 (dilation 2)
+    ((1, 6, 5, 3), 3, 1, 1, "matmul")])  # 1x1
+def test_conv2d_picks_its_form_and_stays_exact(shape, cout, dilation, kernel, form):
+  assert conv.choose(shape, (kernel, kernel, shape[-1], cout), dilation, jnp.float32) == form
   _check(jax.jit(conv.conv2d, static_argnums=2), shape, cout, dilation, kernel)
+
+
+@pytest.mark.parametrize("size, conv5, fc6", [(41, 41, 41), (31, 31, 31), (21, 21, 21)])
+def test_voc_conv5_runs_winograd_on_its_dilation_phases_at_every_scale(size, conv5, fc6):
+  """VGG-16 LargeFOV at scales 1, 0.75, 0.5 (321, 241, 161 px crops) has conv5 (512 -> 512, dilation 2) and fc6
+  (512 -> 1024, dilation 12) on these maps: conv5 runs Winograd on its phases, fc6 per-tap matmuls, in float32;
+  bfloat16 keeps XLA's convolution for conv5."""
+  assert conv.choose((1, conv5, conv5, 512), (3, 3, 512, 512), 2, jnp.float32) == "winograd_phases"
+  assert conv.choose((1, conv5, conv5, 512), (3, 3, 512, 512), 2, jnp.bfloat16) == "xla"
+  assert conv.choose((1, fc6, fc6, 512), (3, 3, 512, 1024), 12, jnp.float32) == "taps"
+  assert size == conv5
 
 
 def test_winograd_under_vmap():
@@ -90,8 +105,9 @@ def test_valid_fraction():
   assert conv.valid_fraction(5, 5, 3, 12) == pytest.approx(1 / 9)
 
 
-def test_conv_module_has_nn_conv_parameters():
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+def test_conv_module_has_nn_conv_parameters(impl):
   x = jnp.ones((1, 6, 6, 3))
-  ours = conv.Conv(4, 3, 2).init(jax.random.key(0), x)["params"]
+  ours = layers.Conv(4, 3, 2, impl=impl).init(jax.random.key(0), x)["params"]
   flax_conv = nn.Conv(4, (3, 3), kernel_dilation=2).init(jax.random.key(0), x)["params"]
   assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(lambda a: (a.shape, a.dtype), flax_conv)

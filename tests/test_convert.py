@@ -145,10 +145,10 @@ def test_cli_on_npz(state, tmp_path):
     assert sorted(raw.files)[:2] == ["conv1_1/bias", "conv1_1/kernel"] and len(raw.files) == 30
 
 
-def model_params(**model_overrides):
+def model_params(**backbone_overrides):
   """Abstract MultiScaleNet parameters filled with 7 (stand-ins for an initialisation)."""
   cfg = shapes.get_config("smoke").model
-  cfg.update(model_overrides)
+  cfg.backbone.update(backbone_overrides)
   model = build_model(cfg)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))
   return jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), abstract["params"])

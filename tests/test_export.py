@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from configs import base, shapes
-from scaleattn import checkpointing, export, state, train
+from scaleattn import checkpointing, export, train
 from scaleattn.models import build_model
+from scaleattn.preprocessing import CAFFE_MEAN_RGB
+from scaleattn.state import build_experiment
 
 
 def random_like(abstract, seed=0):
@@ -36,7 +38,7 @@ def test_export_then_load_gives_identical_predictions(tmp_path):
   loaded_params, loaded_config = export.load_exported(path)
 
   assert loaded_config.to_json(sort_keys=True) == config.to_json(sort_keys=True)
-  assert loaded_config.model.scales == (1.0, 0.5) and loaded_config.input.mean_rgb == base.MEAN_RGB
+  assert loaded_config.model.scales == (1.0, 0.5) and loaded_config.input.mean_rgb == CAFFE_MEAN_RGB
   assert jax.tree.structure(loaded_params) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(loaded_params), jax.tree.leaves(params), strict=True):
     assert a.dtype == np.float32
@@ -53,12 +55,12 @@ def test_config_tuples_survive_json():
   config = base.get_config()
   loaded = export.config_from_json(export.config_to_json(config))
   assert loaded.optim.lr_multipliers == base.PAPER_LR_MULTIPLIERS
-  assert loaded.model.block_widths == (64, 128, 256, 512, 512) and loaded.dataset.data_dir is None
+  assert loaded.model.backbone.block_widths == (64, 128, 256, 512, 512) and loaded.dataset.data_dir is None
 
 
 def test_export_rejects_params_of_another_model(tmp_path):
   config, _, params = smoke_model()
-  config.model.fc_width = 32
+  config.model.backbone.fc_width = 32
   path = tmp_path / "model.msgpack"
   with pytest.raises(ValueError, match="model.msgpack: parameters do not match config.model") as e:
     export.export_model(str(path), params, config)
@@ -78,8 +80,7 @@ def test_load_rejects_other_files(tmp_path):
 def test_export_a_training_workdir(tmp_path):
   config = shapes.get_config("smoke")
   workdir = str(tmp_path / "run")
-  setup = state.build(config)
-  trained = random_like(setup.abstract_state, seed=1).replace(step=np.asarray(3, np.int32))
+  trained = random_like(build_experiment(config).abstract_state, seed=1).replace(step=np.asarray(3, np.int32))
   ckpts = checkpointing.Checkpoints(f"{workdir}/checkpoints", config.train)
   ckpts.save(3, trained, force=True)
   ckpts.wait_until_finished()

@@ -15,7 +15,7 @@ import pytest
 
 from configs import shapes
 from scaleattn import checkpointing, input_pipeline, train
-from scaleattn.state import build
+from scaleattn.state import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough that four interruptions all land before the run finishes
@@ -57,10 +57,8 @@ def _env():
 
 
 def _params(workdir, config, step=STEPS):
-  setup = build(config)
-  state = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), config.train).restore(
-      setup.abstract_state, step=step)
-  return jax.device_get(state.params)
+  params, _ = checkpointing.restore_params(workdir, config.train, build_experiment(config).abstract_state, step)
+  return jax.device_get(params)
 
 
 def _assert_same(a, b):

@@ -3,7 +3,7 @@ import numpy_reference as ref
 import pytest
 
 from configs import shapes, voc
-from scaleattn.models import flops
+from scaleattn.perf import flops
 
 # configs/shapes.py:smoke on a 65x65 image, scales (1, 0.5): one 3x3 conv per block (widths 4, 8, 8, 8, 8; pools
 # of stride 2, 2, 2, 1, 1), fc6 3x3 to 16, fc7 and fc8 1x1 (16, 5 classes). Scale 1: 65 -> 33 -> 17 -> 9; scale
@@ -31,7 +31,7 @@ def test_multiscale_layers_and_step_flops_match_the_hand_count():
   assert flops.step_flops(cfg, 2, 65, 65, train=False) == 2 * forward
 
 
-@pytest.mark.parametrize("change", [dict(scale_execution="vmap"), dict(dtype="bfloat16")])
+@pytest.mark.parametrize("change", [dict(scale_execution="vmap"), dict(dtype="bfloat16"), dict(remat="per_block")])
 def test_model_flops_do_not_depend_on_how_the_step_runs(change):
   """vmap pads every scale to full size and bf16 changes the arithmetic, but the network, and its hand count, are
   the same."""
@@ -44,7 +44,7 @@ def test_model_flops_do_not_depend_on_how_the_step_runs(change):
 @pytest.mark.parametrize("fusion", ["average", "max"])
 def test_pooling_fusions_have_no_attention_head(fusion):
   cfg = shapes.get_config("smoke").model
-  cfg.fusion = fusion
+  cfg.fusion.name = fusion
   head = {(9, 9, 32, 8, 3, 1), (9, 9, 8, 2, 1, 1)}
   expected = {layer: n for layer, n in SMOKE_LAYERS.items() if layer not in head}
   assert {tuple(layer): n for layer, n in flops.conv_layers(cfg, 65, 65).items()} == expected

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # (64-byte-aligned requests do not always fit the hole the last call left).
 _PROBE = textwrap.dedent("""
   import json, resource, sys
-  from scaleattn import host_memory
+  from scaleattn.perf import host_memory
   retained = sys.argv[1] == "retain" and host_memory.retain_freed_memory()
   import jax, jax.numpy as jnp
   step = jax.jit(lambda x: jnp.cumsum(x * 2.0, axis=0).sum())

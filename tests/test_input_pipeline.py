@@ -1,5 +1,6 @@
 """The input pipeline: deterministic for a seed, resumable at an exact step, disjoint and complete process shards,
-each epoch a permutation of the split, evaluation covering every example once on every process layout."""
+each epoch a permutation of the split, any batch padded onto any device count and cut into microbatches without
+changing which examples it holds, evaluation covering every example once on every process layout."""
 import fake_data
 import numpy as np
 import pytest
@@ -16,13 +17,14 @@ def data_dir(tmp_path_factory):
   return path
 
 
+def _datasets(data_dir, process_index=0, process_count=1, data_devices=1, **kw):
+  return input_pipeline.create_datasets(fake_data.pipeline_config(data_dir, **kw), data_devices=data_devices,
+                                        process_index=process_index, process_count=process_count)
+
+
 def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _datasets(data_dir, process_index=0, process_count=1, **kw):
-  return input_pipeline.create_datasets(fake_data.pipeline_config(data_dir, **kw), process_index=process_index,
-                                        process_count=process_count)
+  """n training batches, each flattened from [microbatches, rows] to rows."""
+  return [{k: v.reshape(-1, *v.shape[2:]) for k, v in next(iterator).items()} for _ in range(n)]
 
 
 def _assert_same(a, b):
@@ -34,14 +36,15 @@ def _assert_same(a, b):
 def test_batches_are_deterministic_and_resume_exactly(data_dir):
   data = _datasets(data_dir)
   first = _take(data.train_batches(0), 11)  # 44 examples: past the 32-example epoch boundary
-  assert first[0]["image"].shape == (4, 49, 49, 3) and first[0]["image"].dtype == np.float32
-  assert first[0]["label"].shape == (4, 49, 49) and first[0]["label"].dtype == np.int32
+  raw = next(data.train_batches(0))
+  assert raw["image"].shape == (1, 4, 49, 49, 3) and raw["image"].dtype == np.float32
+  assert raw["label"].shape == (1, 4, 49, 49) and raw["label"].dtype == np.int32
   for a, b in zip(first, _take(_datasets(data_dir).train_batches(0), 11), strict=True):
     _assert_same(a, b)
   for k in (1, 7, 9):
     for a, b in zip(first[k:], _take(data.train_batches(k), 2), strict=False):
       _assert_same(a, b)
-  other_seed = next(_datasets(data_dir, seed=1).train_batches(0))
+  (other_seed,) = _take(_datasets(data_dir, seed=1).train_batches(0), 1)
   assert not np.array_equal(other_seed["image"], first[0]["image"])
 
 
@@ -78,9 +81,42 @@ def test_process_shards_are_disjoint_and_complete(data_dir):
   assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 16  # 16 distinct examples of epoch 0
 
 
+@pytest.mark.parametrize("microbatches, devices, processes, rows", [(1, 8, 1, 8), (2, 8, 2, 8), (2, 1, 1, 2),
+                                                                    (4, 2, 2, 2), (1, 3, 1, 6)])
+def test_padding_and_microbatches_keep_the_batch(data_dir, microbatches, devices, processes, rows):
+  """The global batch of 4 at steps 2 and 3, laid out as `microbatches` slices of `rows` rows over `devices`
+  devices and `processes` processes: the same examples in the same order, then padding (every label 255)."""
+  plain = _take(_datasets(data_dir).train_batches(2), 2)
+  parts = [[next(it) for _ in range(2)] for it in (_datasets(
+      data_dir, i, processes, devices, microbatches=microbatches).train_batches(2) for i in range(processes))]
+  real = 4 // microbatches
+  for step in range(2):
+    merged = {k: np.concatenate([p[step][k] for p in parts], axis=1) for k in plain[step]}
+    assert merged["image"].shape == (microbatches, rows, 49, 49, 3)
+    for k in plain[step]:
+      np.testing.assert_array_equal(merged[k][:, :real].reshape(plain[step][k].shape), plain[step][k])
+    assert (merged["label"][:, real:] == 255).all() and not merged["image"][:, real:].any()
+
+
+def test_batch_layout_pads_to_the_devices():
+  layout = input_pipeline.batch_layout(30, 3, 16, 2)
+  assert (layout.rows, layout.real_per_microbatch) == (16, 10)
+  assert layout.padding_fraction == pytest.approx(1 - 30 / 48)
+  assert input_pipeline.batch_layout(30, 1, 4, 1).rows == 32 and input_pipeline.batch_layout(30, 1, 1, 1).rows == 30
+
+
 def test_grain_worker_processes_give_the_same_batches(data_dir):
-  threads = _take(_datasets(data_dir).train_batches(5), 2)
-  workers = _take(_datasets(data_dir, worker_count=2).train_batches(5), 2)
+  """Worker processes read absl flags: outside an absl app the caller parses them (the library never does)."""
+  from absl import flags  # noqa: PLC0415
+  assert not flags.FLAGS.is_parsed()
+  with pytest.raises(ValueError, match="worker_count=2: grain's worker processes read absl flags"):
+    _datasets(data_dir, worker_count=2).train_batches(5)
+  flags.FLAGS.mark_as_parsed()
+  try:
+    threads = _take(_datasets(data_dir).train_batches(5), 2)
+    workers = _take(_datasets(data_dir, worker_count=2).train_batches(5), 2)
+  finally:
+    flags.FLAGS.unparse_flags()
   for a, b in zip(threads, workers, strict=True):
     _assert_same(a, b)
 
@@ -110,10 +146,9 @@ def test_eval_covers_every_example_once(data_dir, process_count):
 
 
 def test_config_errors(data_dir):
-  with pytest.raises(ValueError, match=r"config.dataset.num_classes=3 but dataset 'scale_shapes' has 5 classes"):
+  with pytest.raises(ValueError, match=r"config.dataset.num_classes=3 disagrees with dataset 'scale_shapes', which "
+                                       r"has 5 classes"):
     _datasets(data_dir, num_classes=3)
-  with pytest.raises(ValueError, match=r"config.train.batch_size=3 is not divisible by the 2 processes"):
-    _datasets(data_dir, 0, 2, train_batch=3)
   with pytest.raises(ValueError, match=r"has no split 'nope'; it has \['test', 'train', 'validation'\]"):
     list(_datasets(data_dir).eval_batches("nope"))
   assert _datasets(data_dir).class_names == ("background", "disk", "square", "triangle", "cross")
@@ -128,7 +163,7 @@ def test_manual_dataset_end_to_end(tmp_path):
   config.dataset.train_split, config.dataset.eval_split = "train_aug", "val"
   data = input_pipeline.create_datasets(config, process_index=0, process_count=1)
   batch = next(data.train_batches(0))
-  assert batch["image"].shape == (2, 16, 16, 3) and set(np.unique(batch["label"])) <= set(range(21)) | {255}
+  assert batch["image"].shape == (1, 2, 16, 16, 3) and set(np.unique(batch["label"])) <= set(range(21)) | {255}
   (only,) = list(data.eval_batches("val"))
   np.testing.assert_array_equal(only["label"][0, :12, :14], truth["b1"])
   assert only["mask"][0].sum() == 12 * 14 and not only["mask"][1].any()

@@ -1,5 +1,6 @@
-"""The launchers parse, the Colab notebook runs top to bottom on CPU with smoke = True, and the ablation grid runs,
-resumes and reports on the smoke data."""
+"""The launchers parse, the Colab notebook installs a wheel built from this checkout and runs top to bottom on CPU
+with smoke = True, and the ablation grid runs, resumes and reports on the smoke data."""
+import importlib.util
 import json
 import os
 import shutil
@@ -23,14 +24,60 @@ def test_shell_scripts_parse(script):
     subprocess.run(["shellcheck", "-S", "warning", path], check=True)
 
 
-def test_colab_notebook_smoke(tmp_path):
+def test_tpu_vm_ships_this_checkout_unless_a_repo_is_given(tmp_path):
+  """With a stand-in gcloud that records its calls: without REPO the workers get this checkout's HEAD (git archive,
+  copied to every worker), with REPO they clone it; every worker installs and runs the same command."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.log"
+  for tool in ("gcloud", "gsutil"):
+    (bin_dir / tool).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "{tool} $*" >> {log}\n')
+    (bin_dir / tool).chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ZONE="zone-a", LOCAL_RESULTS=str(tmp_path / "out"))
+  run = [os.path.join(LAUNCH, "tpu_vm.sh"), "configs/voc.py", "gs://bucket/run"]
+  subprocess.run(run, env=env, check=True, capture_output=True, cwd=tmp_path)
+  calls = log.read_text()
+  assert "scp --worker=all" in calls and "scaleattn.tar.gz" in calls and "git clone" not in calls
+  assert "tar xzf scaleattn.tar.gz" in calls and "--accelerator-type=v4-8" not in calls  # describe succeeded
+  assert "python -m scaleattn.main --config=configs/voc.py --workdir=gs://bucket/run" in calls
+  assert "gsutil -m cp -r gs://bucket/run" in calls
+  log.unlink()
+  subprocess.run(run, env=dict(env, REPO="https://example.org/me/scaleattn.git"), check=True, capture_output=True,
+                 cwd=tmp_path)
+  calls = log.read_text()
+  assert "git clone https://example.org/me/scaleattn.git scaleattn" in calls and "scp --worker=all" not in calls
+
+
+def _install_cell(nb) -> str:
+  (cell,) = [c for c in nb.cells if c.cell_type == "code" and "pip', 'install" in c.source]
+  return cell.source
+
+
+def test_colab_install_cell_says_what_to_set_when_nothing_is_installed(monkeypatch):
+  nb = nbformat.read(os.path.join(LAUNCH, "colab_tpu.ipynb"), as_version=4)
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(RuntimeError, match="set `package` in the parameters cell to a pip spec"):
+    exec(_install_cell(nb), {"package": ""})  # noqa: S102 - the notebook's own cell
+
+
+def test_colab_notebook_installs_a_wheel_and_runs(tmp_path, monkeypatch):
+  """The install cell pip-installs a wheel built from this checkout (into a target folder, leaving this environment
+  alone); the rest runs on CPU with smoke = True."""
+  wheels = tmp_path / "wheels"
+  isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), REPO],
+                 check=True, capture_output=True, cwd=tmp_path)
+  (wheel,) = wheels.glob("scaleattn-*.whl")
+  target = tmp_path / "site"
+  monkeypatch.setenv("PIP_TARGET", str(target))
+  monkeypatch.setenv("PIP_NO_DEPS", "1")
   nb = nbformat.read(os.path.join(LAUNCH, "colab_tpu.ipynb"), as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  assert len(params) == 1 and "smoke = False" in params[0].source
+  assert len(params) == 1 and "smoke = False" in params[0].source and "package = ''" in params[0].source
   # papermill's convention: a cell after the parameters cell overrides them.
   index = nb.cells.index(params[0])
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
-      f"smoke = True\nworkdir = {str(tmp_path / 'run')!r}\n"
+      f"smoke = True\nworkdir = {str(tmp_path / 'run')!r}\npackage = {str(wheel)!r}\n"
       f"config_overrides = {{'dataset.data_dir': {str(tmp_path / 'tfds')!r}}}"))
   env_cell = nbformat.v4.new_code_cell(
       "import os\nos.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'\n"
@@ -41,6 +88,7 @@ def test_colab_notebook_smoke(tmp_path):
   assert "miou" in outputs and "(2, 32, 32, 3) (2, 32, 32, 2)" in outputs
   assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for c in nb.cells for o in c.get("outputs", []))
+  assert (target / "scaleattn" / "models" / "fusion.py").is_file() and (target / "configs" / "shapes.py").is_file()
 
 
 def test_ablation_grid_runs_resumes_and_reports(tmp_path):

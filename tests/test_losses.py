@@ -10,8 +10,8 @@ from scaleattn.models import MultiScaleOutput
 
 
 def _cfg(**overrides):
-  return ml_collections.ConfigDict(dict(extra_supervision=True, scale_weights=None, per_scale_grid="output",
-                                        ignore_label=255) | overrides)
+  return ml_collections.ConfigDict(dict(extra_supervision=True, scale_weights=None, per_scale_grid="output")
+                                   | overrides)
 
 
 def _ce(logits, labels):
@@ -60,11 +60,12 @@ def test_downsample_takes_the_nearest_label():
                                 labels[0][[0, 2, 3, 5, 6]][:, [0, 2, 4]])
 
 
-def _output(rng, scales=(1.0, 0.5), grid=(3, 3)):
-  per_scale = rng.normal(size=(1, *grid, len(scales), 4)).astype(np.float32)
-  native = tuple(rng.normal(size=(1, grid[0] - i, grid[1] - i, 4)).astype(np.float32) for i in range(len(scales)))
-  return MultiScaleOutput(fused=per_scale.mean(3), per_scale=per_scale, weights=np.zeros((1, *grid, len(scales))),
-                          native=native, scales=scales)
+def _output(rng, scales=(1.0, 0.5), grid=(3, 3), batch=1):
+  per_scale = rng.normal(size=(batch, *grid, len(scales), 4)).astype(np.float32)
+  native = tuple(rng.normal(size=(batch, grid[0] - i, grid[1] - i, 4)).astype(np.float32)
+                 for i in range(len(scales)))
+  return MultiScaleOutput(fused=per_scale.mean(3), per_scale=per_scale, weights=np.zeros((batch, *grid, len(scales))),
+                          own_grid=native, scales=scales)
 
 
 def test_extra_supervision_adds_weighted_per_scale_terms():
@@ -98,10 +99,40 @@ def test_native_grid_option_uses_each_scales_own_map():
   total, terms = losses.multiscale_loss(out, labels, _cfg(per_scale_grid="native"))
   assert set(terms) == {"fused", "scale_1", "scale_0.75", "scale_0.5"}
   # 7 -> 4: rows 0, 2, 4, 6; 7 -> 3: 0, 3, 6; 7 -> 2: 0, 6
-  for name, native, idx in [("scale_1", out.native[0], [0, 2, 4, 6]), ("scale_0.75", out.native[1], [0, 3, 6]),
-                            ("scale_0.5", out.native[2], [0, 6])]:
+  for name, native, idx in [("scale_1", out.own_grid[0], [0, 2, 4, 6]), ("scale_0.75", out.own_grid[1], [0, 3, 6]),
+                            ("scale_0.5", out.own_grid[2], [0, 6])]:
     np.testing.assert_allclose(terms[name], _ce(native, labels[:, idx][:, :, idx]), rtol=1e-5)
   np.testing.assert_allclose(total, sum(float(t) for t in terms.values()), rtol=1e-5)
+
+
+def test_authors_grid_takes_scales_from_075_on_the_output_grid_and_05_on_its_own():
+  """The authors' configs: the 0.75 loss on its map upsampled to the scale-1 grid, the 0.5 loss on its own map."""
+  rng = np.random.default_rng(5)
+  out = _output(rng, scales=(1.0, 0.75, 0.5), grid=(4, 4))
+  labels = rng.integers(0, 4, size=(1, 7, 7))
+  _, terms = losses.multiscale_loss(out, labels, _cfg(per_scale_grid="authors"))
+  on_grid = labels[:, [0, 2, 4, 6]][:, :, [0, 2, 4, 6]]
+  np.testing.assert_allclose(terms["scale_1"], _ce(out.per_scale[:, :, :, 0], on_grid), rtol=1e-5)
+  np.testing.assert_allclose(terms["scale_0.75"], _ce(out.per_scale[:, :, :, 1], on_grid), rtol=1e-5)
+  np.testing.assert_allclose(terms["scale_0.5"], _ce(out.own_grid[2], labels[:, [0, 6]][:, :, [0, 6]]), rtol=1e-5)
+
+
+def test_slices_normalised_by_the_whole_batch_sum_to_the_batch_loss():
+  """Gradient accumulation: each slice's terms divided by the whole batch's valid pixels add up to the batch's."""
+  rng = np.random.default_rng(6)
+  out = _output(rng, grid=(3, 3), batch=2)
+  labels = rng.integers(0, 4, size=(2, 9, 9))
+  labels[0, :5] = 255  # the slices have different numbers of valid pixels
+  cfg = _cfg(per_scale_grid="authors")
+  whole, whole_terms = losses.multiscale_loss(out, labels, cfg)
+  counts = {name: losses.valid_pixels(labels, x.shape[1:3])
+            for name, x in losses.term_logits(out, cfg).items()}
+  halves = [losses.multiscale_loss(jax.tree.map(lambda x, i=i: x[i:i + 1], out), labels[i:i + 1], cfg,
+                                   pixel_counts=counts) for i in range(2)]
+  np.testing.assert_allclose(halves[0][0] + halves[1][0], whole, rtol=1e-5)
+  np.testing.assert_allclose(whole_terms["scale_0.5"], _ce(out.own_grid[1], labels[:, ::8, ::8]), rtol=1e-5)
+  assert not np.isclose(halves[0][0], whole / 2, rtol=1e-3)  # each slice is not simply half the batch
+  np.testing.assert_allclose(whole_terms["fused"], _ce(out.fused, labels[:, ::4, ::4]), rtol=1e-5)
 
 
 def test_loss_is_jittable_and_scales_can_be_given_explicitly():

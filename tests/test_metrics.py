@@ -3,10 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clu import metrics as clu_metrics
-from conftest import NUM_TEST_DEVICES
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from scaleattn import metrics
 
@@ -98,58 +94,6 @@ def test_bad_inputs_are_named():
     metrics.confusion_matrix(PRED, LABEL, 0)
   with pytest.raises(ValueError, match="square"):
     metrics.compute_iou(np.zeros((4, 3)))
-
-
-def test_metric_merge_is_associative_and_sums():
-  rng = np.random.default_rng(1)
-  batches = [random_batch(rng, (2, 5, 7), 4) for _ in range(3)]
-  a, b, c = (metrics.ConfusionMatrix.from_model_output(p, t, m, num_classes=4) for p, t, m in batches)
-  left, right = a.merge(b).merge(c), a.merge(b.merge(c))
-  want = sum(loop_confusion(p, t, 4, m) for p, t, m in batches)
-  np.testing.assert_array_equal(left.matrix, want)
-  np.testing.assert_array_equal(right.matrix, want)
-  empty = metrics.ConfusionMatrix.empty(4)
-  np.testing.assert_array_equal(empty.merge(a).matrix, a.matrix)
-
-
-def test_metric_compute_and_class_count_checks():
-  cls = metrics.ConfusionMatrix.with_classes(5)
-  assert cls is metrics.ConfusionMatrix.with_classes(5)  # one pytree type per class count
-  result = cls.from_model_output(PRED, LABEL).compute()
-  np.testing.assert_allclose(result["iou"], HAND_IOU)
-  assert result["miou"] == pytest.approx(0.25)
-  with pytest.raises(ValueError, match="num_classes"):
-    metrics.ConfusionMatrix.empty()
-  with pytest.raises(ValueError, match="counts 5"):
-    cls.empty(4)
-  with pytest.raises(ValueError, match="shapes"):
-    metrics.ConfusionMatrix.empty(4).merge(cls.empty())
-
-
-def test_in_a_clu_collection_with_other_metrics():
-  collection = clu_metrics.Collection.create(confusion=metrics.ConfusionMatrix.with_classes(5),
-                                             loss=clu_metrics.Average.from_output("loss"))
-  step = jax.jit(lambda acc, p, t: acc.merge(collection.single_from_model_output(pred=p, label=t, loss=jnp.ones(()))))
-  acc = step(collection.empty(), PRED, LABEL)
-  acc = step(acc, PRED, LABEL)
-  out = acc.compute()
-  np.testing.assert_array_equal(acc.confusion.matrix, 2 * HAND)
-  assert out["confusion"]["miou"] == pytest.approx(0.25) and float(out["loss"]) == 1.0
-
-
-def test_gathered_across_devices_and_reduced():
-  rng = np.random.default_rng(2)
-  pred, label, mask = random_batch(rng, (NUM_TEST_DEVICES * 2, 4, 5), 3)
-  collection = clu_metrics.Collection.create(confusion=metrics.ConfusionMatrix.with_classes(3))
-  mesh = jax.make_mesh((NUM_TEST_DEVICES,), ("batch",), devices=jax.devices()[:NUM_TEST_DEVICES])
-
-  def gather(p, t, m):
-    return collection.gather_from_model_output(axis_name="batch", pred=p, label=t, mask=m).confusion.matrix[None]
-
-  f = jax.jit(jax.shard_map(gather, mesh=mesh, in_specs=P("batch"), out_specs=P("batch")))
-  per_device = f(*jax.device_put((pred, label, mask), NamedSharding(mesh, P("batch"))))
-  want = loop_confusion(pred, label, 3, mask)
-  np.testing.assert_array_equal(per_device, np.broadcast_to(want, (NUM_TEST_DEVICES, 3, 3)))  # every device: total
 
 
 def test_summarize():

@@ -1,5 +1,6 @@
-"""Two processes on localhost (2 CPU devices each, gloo collectives) train the smoke config like one process
-with 4 devices, and their checkpoint restores in a single process."""
+"""Two processes on localhost (4 CPU devices each, gloo collectives) train the smoke config like one process with 4
+devices: the batch of 4 is padded to the 8 devices, each process building its own rows of it; their checkpoint
+restores in a single process."""
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from conftest import NUM_TEST_DEVICES
 
 from configs import shapes
 from scaleattn import checkpointing, input_pipeline, train
-from scaleattn.state import build
+from scaleattn.state import build_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -41,10 +42,9 @@ def _flags(data_dir, workdir):
 
 
 def _params(workdir, config):
-  setup = build(config)
-  state = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), config.train).restore(setup.abstract_state)
-  assert int(state.step) == STEPS
-  return jax.device_get(state.params)
+  params, step = checkpointing.restore_params(workdir, config.train, build_experiment(config).abstract_state)
+  assert step == STEPS
+  return jax.device_get(params)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -55,7 +55,7 @@ def test_two_processes_match_one(tmp_path):
   train.train_and_evaluate(config, str(single))
 
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO)
   multi = tmp_path / "multi"
   procs = [subprocess.Popen(

@@ -106,8 +106,10 @@ def test_eval_example_pads_and_masks():
     preprocessing.eval_example(image, label, eval_size=8, mean_rgb=MEAN)
 
 
-def test_empty_eval_example_counts_nowhere():
-  out = preprocessing.empty_eval_example(5, with_instance_size=False)
+def test_padding_example_counts_nowhere():
+  out = preprocessing.padding_example(5, with_mask=True, with_instance_size=False)
   assert not out["mask"].any() and (out["label"] == 255).all() and "instance_size" not in out
   assert out["image"].shape == (5, 5, 3) and (out["image"] == 0).all()
-  assert preprocessing.empty_eval_example(5, with_instance_size=True)["instance_size"].shape == (5, 5)
+  assert preprocessing.padding_example(5, with_mask=True, with_instance_size=True)["instance_size"].shape == (5, 5)
+  train = preprocessing.padding_example(4, with_mask=False, with_instance_size=False)
+  assert set(train) == {"image", "label"} and (train["label"] == 255).all()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import tensorflow_datasets as tfds
-
 from scaleattn.datasets import label_io, voc2012_aug
 
 CLASS_NAMES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
@@ -18,17 +16,11 @@ MANUAL = ("Put the PASCAL-Person-Part annotations (pascal_person_part_gt/ and pa
           f"{voc2012_aug.VOC_TAR}) into the manual directory (config.dataset.manual_dir).")
 
 
-class PascalPersonPart(tfds.core.GeneratorBasedBuilder):
+class PascalPersonPart(label_io.PhotoSegmentationBuilder):
   """PASCAL-Person-Part human part segmentation (7 classes)."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Images stored as the original JPEG bytes, labels as zlib-compressed uint8 [H, W]."}
+  CLASS_NAMES = CLASS_NAMES
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(description=__doc__, features=label_io.photo_features(),
-                                          metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES))
 
   def _split_generators(self, dl_manager):
     manual = label_io.manual_dir(dl_manager)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 
-import tensorflow_datasets as tfds
-
 from scaleattn.datasets import label_io
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -37,17 +35,11 @@ def read_ids(path: str) -> list[str]:
     return [line.split()[0] for line in f if line.strip()]
 
 
-class Voc2012Aug(tfds.core.GeneratorBasedBuilder):
+class Voc2012Aug(label_io.PhotoSegmentationBuilder):
   """VOC 2012 + SBD semantic segmentation (21 classes)."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Images stored as the original JPEG bytes, labels as zlib-compressed uint8 [H, W]."}
+  CLASS_NAMES = CLASS_NAMES
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(description=__doc__, features=label_io.photo_features(),
-                                          metadata=tfds.core.MetadataDict(class_names=CLASS_NAMES))
 
   def _split_generators(self, dl_manager):
     manual = label_io.manual_dir(dl_manager)

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from scaleattn.models.conv import Conv
-from scaleattn.models.fusion import ScaleFusion
-from scaleattn.models.multiscale import build_model
+from scaleattn.models import ScaleFusion, build_model
+from scaleattn.models.layers import Conv
 
 Layer = collections.namedtuple("Layer", "height width cin cout kernel dilation")
 
@@ -29,6 +28,7 @@ def conv_layers(cfg: ml_collections.ConfigDict, height: int, width: int) -> coll
   convolution over the scales' concatenated features on the scale-1 grid, then a 1x1 to one logit per scale."""
   cfg = cfg.copy_and_resolve_references()
   cfg.scale_execution = "loop"  # each scale at its own size: the network's work, not the padding's
+  cfg.remat = "none"  # the network's work, not the recomputation's
   model = build_model(cfg)
   seen = collections.Counter()
 

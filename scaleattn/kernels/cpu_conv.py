@@ -1,22 +1,18 @@
-"""A 'SAME' convolution for the backbone that computes exactly what `lax.conv_general_dilated` computes, in the
-pieces that XLA's CPU kernels run fastest (measured on a 2-core x86 CPU; on other backends it is plain lax.conv).
+"""Convolutions in the pieces XLA:CPU runs fastest; each computes exactly what `lax.conv_general_dilated` computes.
 
-- Winograd F(2x2, 3x3) for float32 3x3 convolutions with 128+ channels below 200x200 (a dilated one runs on its
-  dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched matmuls between small
-  elementwise transforms, for the forward pass, the input gradient and (below 120x120) the weight gradient;
-  1.3-1.7x faster than XLA's convolution from 161x161x128 to 41x41x512.
-- Weight gradient in row strips: XLA:CPU computes the weight gradient of a large feature map (conv1, conv2 at
-  321 px) at a third of its forward speed; summing the weight gradients of ~20-row strips (each with its halo)
-  is 1.3-2x faster.
-- Dilated convolutions as per-tap matmuls over the valid overlap only: with dilation 12 on a 41x41 map (fc6),
-  a third of the taps' work multiplies the zero padding; skipping it makes fc6 1.3x (41x41) to 2.2x (21x21) faster.
+Chosen by `config.model.conv_impl='cpu'` (or 'auto' on a CPU mesh), never on GPU or TPU. Measurements behind the
+thresholds are in the README's performance section.
+- Winograd F(2x2, 3x3) for float32 3x3 convolutions with 128+ channels on maps below 200x200 (a dilated one runs on
+  its dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched matmuls between elementwise
+  transforms, for the forward pass, the input gradient and (below 120x120) the weight gradient.
+- Weight gradient in row strips on large maps: XLA:CPU's weight gradient of one large convolution is slower than
+  the sum of the strips' (each strip with its halo).
+- Dilated convolutions whose taps mostly read padding (fc6) as per-tap matmuls over the valid overlap only.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +22,7 @@ STRIP_ROWS = 20  # rows per weight-gradient strip
 MIN_STRIP_PIXELS = 120 * 120  # maps smaller than this keep XLA's single weight-gradient convolution
 MAX_VALID_FRACTION = 0.8  # per-tap matmuls when the taps' valid overlap is below this share of the full work
 MIN_WINOGRAD_CHANNELS = 128  # Winograd for 3x3 convolutions with at least this many input and output channels
-MAX_WINOGRAD_PIXELS = 200 * 200  # ... on maps smaller than this (at 321x321x64 its transforms cost what it saves)
+MAX_WINOGRAD_PIXELS = 200 * 200  # ... on maps smaller than this (larger maps: its transforms cost what it saves)
 
 
 def _conv(x: jax.Array, w: jax.Array, dilation: int, padding) -> jax.Array:
@@ -47,7 +43,6 @@ def valid_fraction(height: int, width: int, kernel: int, dilation: int) -> float
   return rows * cols / (kernel * height * kernel * width)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_by_taps(x: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
   """'SAME' convolution as one matmul per kernel tap over the output region whose input is in the image."""
   _, h, wd, _ = x.shape
@@ -61,34 +56,6 @@ def conv_by_taps(x: jax.Array, w: jax.Array, dilation: int) -> jax.Array:
       part = jnp.pad(part, ((0, 0), (r0, h - r1), (c0, wd - c1), (0, 0)))
       out = part if out is None else out + part
   return out
-
-
-def _taps_fwd(x, w, dilation):
-  return conv_by_taps(x, w, dilation), (x, w)
-
-
-def _taps_bwd(dilation, residuals, g):
-  """Per-tap adjoints. The weight gradients contract over pixels; autodiff's form has XLA transpose each tap's
-  slice of `g` to pixel-minor layout; here `x` is transposed once, channels first, and every tap reads a plain
-  slice of it (fc6's weight gradient at 41x41: 80 -> 63 ms)."""
-  x, w = residuals
-  _, h, wd, cin = x.shape
-  kh, kw, _, cout = w.shape
-  x_cf = jnp.transpose(x, (3, 0, 1, 2))  # [Cin, B, H, W]
-  dx = jnp.zeros_like(x)
-  dw = jnp.zeros_like(w)
-  for ky, (oy, r0, r1) in enumerate(_tap_ranges(h, kh, dilation)):
-    for kx, (ox, c0, c1) in enumerate(_tap_ranges(wd, kw, dilation)):
-      if r0 >= r1 or c0 >= c1:
-        continue
-      g_tap = g[:, r0:r1, c0:c1]
-      x_tap = x_cf[:, :, r0 + oy:r1 + oy, c0 + ox:c1 + ox]
-      dw = dw.at[ky, kx].set(jnp.dot(x_tap.reshape(cin, -1), g_tap.reshape(-1, cout)))
-      dx = dx.at[:, r0 + oy:r1 + oy, c0 + ox:c1 + ox].add(jnp.einsum("bhwo,co->bhwc", g_tap, w[ky, kx]))
-  return dx, dw
-
-
-conv_by_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def _weight_grad(x: jax.Array, w: jax.Array, g: jax.Array, dilation: int, strips: int) -> jax.Array:
@@ -220,38 +187,33 @@ def _from_phases(y: jax.Array, d: int, h: int, wd: int) -> jax.Array:
   return y[:, :h, :wd]
 
 
+def choose(x_shape: tuple[int, ...], w_shape: tuple[int, ...], dilation: int, dtype) -> str:
+  """Which form `conv2d` runs for these shapes: 'matmul' (1x1), 'taps', 'winograd', 'winograd_phases' (dilated),
+  'strips' or 'xla'."""
+  h, wd = x_shape[1:3]
+  if tuple(w_shape[:2]) == (1, 1):
+    return "matmul"
+  if valid_fraction(h, wd, w_shape[0], dilation) < MAX_VALID_FRACTION:
+    return "taps"
+  if (tuple(w_shape[:2]) == (3, 3) and min(w_shape[2:]) >= MIN_WINOGRAD_CHANNELS and h * wd < MAX_WINOGRAD_PIXELS
+          and jnp.dtype(dtype) == jnp.float32):
+    return "winograd" if dilation == 1 else "winograd_phases"
+  return "strips" if h * wd >= MIN_STRIP_PIXELS else "xla"
+
+
 def conv2d(x: jax.Array, w: jax.Array, dilation: int = 1) -> jax.Array:
-  """x [B, H, W, Cin] * w [k, k, Cin, Cout] with 'SAME' padding and `dilation`, in the fastest form per backend."""
-  if w.shape[:2] == (1, 1):
-    return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
-  if jax.default_backend() != "cpu":
-    return _conv(x, w, dilation, "SAME")
+  """x [B, H, W, Cin] * w [k, k, Cin, Cout] with 'SAME' padding and `dilation`, in the form XLA:CPU runs fastest."""
   h, wd = x.shape[1:3]
-  if valid_fraction(h, wd, w.shape[0], dilation) < MAX_VALID_FRACTION:
-    return conv_by_taps(x, w, dilation)
+  form = choose(x.shape, w.shape, dilation, x.dtype)
   strips = max(1, h // STRIP_ROWS) if h * wd >= MIN_STRIP_PIXELS else 0
-  if (w.shape[:2] == (3, 3) and min(w.shape[2:]) >= MIN_WINOGRAD_CHANNELS and h * wd < MAX_WINOGRAD_PIXELS
-          and x.dtype == jnp.float32):
-    if dilation == 1:
-      return _conv_winograd(x, w, strips)
+  if form == "matmul":
+    return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
+  if form == "taps":
+    return conv_by_taps(x, w, dilation)
+  if form == "winograd":
+    return _conv_winograd(x, w, strips)
+  if form == "winograd_phases":
     return _from_phases(_conv_winograd(_to_phases(x, dilation), w, 0), dilation, h, wd)
-  if strips:
+  if form == "strips":
     return _conv_strip_wgrad(x, w, dilation, strips)
   return _conv(x, w, dilation, "SAME")
-
-
-class Conv(nn.Module):
-  """Drop-in for `nn.Conv(features, (k, k), kernel_dilation=d, padding='SAME')` (same parameter names, shapes and
-  initialisers) running `conv2d`: float32 parameters, computed in `dtype`."""
-  features: int
-  kernel_size: int = 3
-  dilation: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv2d(x, kernel, self.dilation) + bias

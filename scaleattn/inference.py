@@ -1,0 +1,28 @@
+"""The eval-mode forward pass shared by evaluation and prediction: every scale, the fusion, optional test-time
+flip, and the scores brought to the input's resolution."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scaleattn.models import MultiScaleOutput, resize
+from scaleattn.state import Experiment
+
+
+def predict_scores(params: Any, images: jax.Array, *, exp: Experiment, flip: bool) -> MultiScaleOutput:
+  """Eval-mode outputs on the scale-1 output grid; with `flip`, fused and per-scale scores and weights average the
+  image and its mirror (mirrored back)."""
+  out = exp.model.apply({"params": params}, images, train=False)
+  if not flip:
+    return out
+  mirrored = exp.model.apply({"params": params}, images[:, :, ::-1], train=False)
+  return out.replace(fused=(out.fused + mirrored.fused[:, :, ::-1]) / 2,
+                     per_scale=(out.per_scale + mirrored.per_scale[:, :, ::-1]) / 2,
+                     weights=(out.weights + mirrored.weights[:, :, ::-1]) / 2)
+
+
+def to_input_size(x: jax.Array, images: jax.Array) -> jax.Array:
+  """[B, h, w, ...] on the output grid -> float32 at the images' resolution (x8, bilinear, as the paper's test)."""
+  return resize.resize_bilinear(x.astype(jnp.float32), images.shape[1:3])

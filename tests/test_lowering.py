@@ -1,0 +1,69 @@
+"""The paper's train and eval steps (full VGG-16 widths, scales 1, 0.75, 0.5, batch 30 padded for the mesh) lowered on
+this CPU host for GPU and TPU, with abstract inputs and an abstract mesh of 1 or 8 devices, nothing compiled.
+
+What it shows: the program a GPU or TPU would compile is plain StableHLO (no custom calls, in particular no
+CPU-only ones), partitioned for the mesh, and built from `lax` convolutions only: 'auto' kernels resolve from the
+target platform, not from this host. What it does not show: that XLA:GPU or XLA:TPU compiles it, its speed or its
+memory; those need the device (README, "TPU and GPU")."""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+
+from configs import voc
+from scaleattn import input_pipeline, steps
+from scaleattn.state import build_experiment
+
+SCALES = 3
+LAYERS = 16  # conv1_1 .. conv5_3, fc6, fc7, fc8
+HEAD = 2  # the attention head's 3x3 conv (on the scale-1 grid; the others project per tap) and its 1x1
+# Forward, input gradient and weight gradient of every layer at every scale, but no input gradient of conv1_1.
+TRAIN_CONVOLUTIONS = 3 * (SCALES * LAYERS + HEAD) - SCALES
+EVAL_CONVOLUTIONS = SCALES * LAYERS + HEAD
+
+
+def _lower(platform: str, dtype: str, devices: int, train: bool = True, conv_impl: str = "auto") -> str:
+  config = voc.get_config()
+  config.model.dtype, config.model.conv_impl = dtype, conv_impl
+  mesh = AbstractMesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+  exp = build_experiment(config, mesh, platform=platform)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  if train:
+    rows = input_pipeline.batch_layout(config.train.batch_size, 1, devices, 1).rows
+    batch = {"image": jax.ShapeDtypeStruct((1, rows, 321, 321, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((1, rows, 321, 321), jnp.int32)}
+    traced = steps.jit_train_step(exp).trace(exp.abstract_state, batch, key)
+  else:
+    size = config.input.eval_size
+    batch = {"image": jax.ShapeDtypeStruct((devices, size, size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((devices, size, size), jnp.int32),
+             "mask": jax.ShapeDtypeStruct((devices, size, size), jnp.bool_)}
+    traced = steps.jit_eval_step(exp).trace(exp.abstract_state.params, batch)
+  return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+def _check(text: str, devices: int, convolutions: int, dtype: str) -> None:
+  assert re.findall(r"custom_call @(\w+)", text) == []
+  assert f"mhlo.num_partitions = {devices} " in text
+  assert text.count("stablehlo.convolution") == convolutions
+  assert ("xbf16>" in text) == (dtype == "bfloat16")
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_train_step_lowers_for_gpu_and_tpu(platform, dtype, devices):
+  _check(_lower(platform, dtype, devices), devices, TRAIN_CONVOLUTIONS, dtype)
+
+
+@pytest.mark.parametrize("platform, dtype, devices", [("cuda", "float32", 1), ("tpu", "bfloat16", 8)])
+def test_eval_step_lowers_for_gpu_and_tpu(platform, dtype, devices):
+  _check(_lower(platform, dtype, devices, train=False), devices, EVAL_CONVOLUTIONS, dtype)
+
+
+def test_the_check_sees_cpu_kernels():
+  """Forcing the CPU kernels into a GPU program is visible: Winograd and per-tap matmuls replace convolutions."""
+  text = _lower("cuda", "float32", 1, train=False, conv_impl="cpu")
+  assert text.count("stablehlo.convolution") < EVAL_CONVOLUTIONS // 2
