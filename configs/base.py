@@ -112,6 +112,18 @@ def get_config() -> ml_collections.ConfigDict:
       # Edges (pixels) of the object-size bins for the attention-by-size statistics (datasets with
       # per-pixel instance sizes only).
       size_bins=(16, 32, 64, 128),
+      # Fully connected CRF on the fused scores (scaleattn/crf.py), off by default: DeepLab-LargeFOV's released VOC
+      # settings, its kernel-normalised messages (the weights were tuned for those).
+      crf=ml_collections.ConfigDict(dict(
+          enabled=False,
+          iterations=10,
+          bilateral_weight=4.0,
+          bilateral_xy_std=121.0,
+          bilateral_rgb_std=5.0,
+          gaussian_weight=3.0,
+          gaussian_xy_std=3.0,
+          normalize=True,
+      )),
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device on the data axis.

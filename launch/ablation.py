@@ -228,7 +228,7 @@ def plot_examples(config: ml_collections.ConfigDict, workdir: str, num: int, pat
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
   batch = next(iter(data.eval_batches("test")))
   mean = np.asarray(config.input.mean_rgb, np.float32)
-  pred, weights = jax.device_get(predict.full_resolution(params, batch["image"][:num], exp=exp))
+  pred, weights = jax.device_get(predict.full_resolution(params, batch["image"][:num], batch["mask"][:num], exp=exp))
   scales = tuple(config.model.scales)
   fig = Figure(figsize=(2.2 * (3 + len(scales)), 2.3 * num), layout="constrained")
   axes = fig.subplots(num, 3 + len(scales), squeeze=False)

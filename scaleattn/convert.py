@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="output .npz, for config.init_from")
   parser.add_argument("--mean_rgb", type=float, nargs=3, default=CAFFE_MEAN_RGB, metavar=("R", "G", "B"),
                       help="the mean the pipeline subtracts (config.input.mean_rgb), 0..255; default %(default)s")
-  parser.add_argument("--fc_width", type=int, default=1024, help="the model's fc6/fc7 width (config.model.backbone.fc_width)")
+  parser.add_argument("--fc_width", type=int, default=1024,
+                      help="the model's fc6/fc7 width (config.model.backbone.fc_width)")
   args = parser.parse_args(argv)
   params = vgg16_to_largefov(read_state(args.src), mean_rgb=args.mean_rgb, fc_width=args.fc_width, source=args.src)
   save_pretrained(args.out, params)

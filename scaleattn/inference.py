@@ -1,5 +1,5 @@
 """The eval-mode forward pass shared by evaluation and prediction: every scale, the fusion, optional test-time
-flip, and the scores brought to the input's resolution."""
+flip, the scores brought to the input's resolution, and the optional CRF on them."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from scaleattn import crf
 from scaleattn.models import MultiScaleOutput, resize
 from scaleattn.state import Experiment
 
@@ -26,3 +27,16 @@ def predict_scores(params: Any, images: jax.Array, *, exp: Experiment, flip: boo
 def to_input_size(x: jax.Array, images: jax.Array) -> jax.Array:
   """[B, h, w, ...] on the output grid -> float32 at the images' resolution (x8, bilinear, as the paper's test)."""
   return resize.resize_bilinear(x.astype(jnp.float32), images.shape[1:3])
+
+
+def predict_labels(fused: jax.Array, images: jax.Array, valid: jax.Array, *, exp: Experiment) -> jax.Array:
+  """Labels [B, H, W] at the images' resolution from fused scores on the output grid: the argmax of the upsampled
+  scores, or of the CRF's marginals when config.eval.crf.enabled (images are mean-subtracted, as the model sees
+  them; `valid` marks their real pixels)."""
+  scores = to_input_size(fused, images)
+  cfg = exp.config.eval.crf
+  if not cfg.enabled:
+    return jnp.argmax(scores, axis=-1)
+  rgb = images + jnp.asarray(exp.config.input.mean_rgb, images.dtype)
+  settings = {k: v for k, v in cfg.items() if k != "enabled"}
+  return jnp.argmax(crf.dense_crf(scores, rgb, valid, **settings), axis=-1)

@@ -92,7 +92,8 @@ def main(argv):
 
 
 def write_results(path: str, result: object, wall_s: float) -> None:
-  record = {"command": " ".join(sys.argv), "wall_s": wall_s, **environment(), "result": result}
+  record = {"command": " ".join(["python -m scaleattn.main", *sys.argv[1:]]), "wall_s": wall_s, **environment(),
+            "result": result}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(record, f, indent=1, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -45,11 +44,11 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("exp",))
-def full_resolution(params: Any, images: jax.Array, *, exp: Experiment) -> tuple[jax.Array, jax.Array]:
-  """Prediction and fusion weights upsampled to the input grid."""
+def full_resolution(params: Any, images: jax.Array, valid: jax.Array, *, exp: Experiment
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Prediction and fusion weights at the images' resolution; `valid` marks the real pixels of padded images."""
   out = inference.predict_scores(params, images, exp=exp, flip=exp.config.eval.flip)
-  return (jnp.argmax(inference.to_input_size(out.fused, images), axis=-1),
-          inference.to_input_size(out.weights, images))
+  return (inference.predict_labels(out.fused, images, valid, exp=exp), inference.to_input_size(out.weights, images))
 
 
 def save_outputs(exp: Experiment, params: Any, image: np.ndarray, name: str, out_dir: str) -> list[str]:
@@ -60,7 +59,9 @@ def save_outputs(exp: Experiment, params: Any, image: np.ndarray, name: str, out
   h, w = fitted.shape[:2]
   padded = np.zeros((1, size, size, 3), np.float32)
   padded[0, :h, :w] = fitted.astype(np.float32) - np.asarray(cfg.input.mean_rgb, np.float32)
-  pred, weights = jax.device_get(full_resolution(params, padded, exp=exp))
+  valid = np.zeros((1, size, size), bool)
+  valid[0, :h, :w] = True
+  pred, weights = jax.device_get(full_resolution(params, padded, valid, exp=exp))
   return visualize.save_prediction(out_dir, name, fitted, pred[0, :h, :w].astype(np.uint8),
                                    weights=weights[0, :h, :w], scales=tuple(cfg.model.scales))
 

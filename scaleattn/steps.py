@@ -122,7 +122,7 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, exp: Experiment) -
   cfg = exp.config
   images, label = batch["image"], batch["label"]
   out = inference.predict_scores(params, images, exp=exp, flip=cfg.eval.flip)
-  pred = jnp.argmax(inference.to_input_size(out.fused, images), axis=-1)
+  pred = inference.predict_labels(out.fused, images, batch["mask"], exp=exp)
   stats = {"confusion": metrics.confusion_matrix(pred, label, exp.num_classes, mask=batch["mask"])}
   if "instance_size" in batch:
     bins = tuple(cfg.eval.size_bins)
@@ -140,11 +140,13 @@ def jit_train_step(exp: Experiment) -> Callable:
   """`train_step` jitted once: state replicated (and donated), batch split over the mesh along its rows."""
   repl = sharding.replicated(exp.mesh)
   metrics_class = train_metrics_class(losses.term_names(exp.config.loss, exp.scales))
-  return jax.jit(functools.partial(train_step, exp=exp, metrics_class=metrics_class), in_shardings=(repl, sharding.data_sharding(exp.mesh, batch_axis=1), repl),
+  return jax.jit(functools.partial(train_step, exp=exp, metrics_class=metrics_class),
+                 in_shardings=(repl, sharding.data_sharding(exp.mesh, batch_axis=1), repl),
                  out_shardings=(repl, repl), donate_argnums=0)
 
 
 def jit_eval_step(exp: Experiment) -> Callable:
   """`eval_step` jitted once: parameters replicated, batch split over the mesh."""
   repl = sharding.replicated(exp.mesh)
-  return jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, sharding.data_sharding(exp.mesh)), out_shardings=repl)
+  return jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, sharding.data_sharding(exp.mesh)),
+                 out_shardings=repl)

@@ -87,7 +87,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _warn_if_padded(layout: input_pipeline.BatchLayout, devices: int) -> None:
+def warn_if_padded(layout: input_pipeline.BatchLayout, devices: int) -> None:
   if layout.padding_fraction:
     logging.warning("config.train.batch_size=%d in %d microbatch(es) over %d data-parallel devices: each microbatch "
                     "is padded from %d to %d rows with ignored examples, %.0f%% of the step's compute.",
@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   exp = build_experiment(config)
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
-  _warn_if_padded(data.train_layout, exp.mesh.size)
+  warn_if_padded(data.train_layout, exp.mesh.size)
   write_config(config, workdir)
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)

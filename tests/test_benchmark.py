@@ -77,7 +77,8 @@ def test_memory_only_cases_record_the_step_memory_per_microbatch_count_and_remat
   out = tmp_path / "memory.json"
   subprocess.run([sys.executable, "-m", "scaleattn.benchmark", "--config=configs/shapes.py:smoke", "--memory_only",
                   "--scales=1-0.5", "--scale_execution=loop", "--batch_size=8", "--microbatches=1,4",
-                  "--remat=per_block", "--config.model.conv_impl=xla", f"--out={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600,
+                  "--remat=per_block", "--config.model.conv_impl=xla", f"--out={out}"], cwd=ROOT, check=True,
+                 capture_output=True, timeout=600,
                  env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   record = json.loads(out.read_text())
   temp = {(c["microbatches"], c["remat"]): c["memory"]["temp_size_in_bytes"] for c in record["cases"]}

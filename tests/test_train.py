@@ -234,3 +234,32 @@ def test_flip_evaluation_is_the_mirror_average_of_the_scores(data_dir):
   plain_pred = ref.bilinear(np.asarray(plain, np.float64), (size, size)).argmax(-1)
   np.add.at(unflipped, (batch["label"][batch["mask"]], plain_pred[batch["mask"]]), 1)
   assert np.abs(unflipped - want).sum() > 0.05 * batch["mask"].sum()  # flipping changes the predictions
+
+
+def test_crf_in_evaluation_refines_the_upsampled_fused_scores(data_dir):
+  """With eval.crf.enabled the eval step's prediction is the argmax of the CRF's marginals on the upsampled fused
+  scores and the image with the mean added back, padding excluded; the CRF itself is tested against a NumPy
+  mean-field in test_crf.py."""
+  import numpy_reference as ref  # noqa: PLC0415
+
+  from scaleattn import crf  # noqa: PLC0415
+  config = smoke_config(data_dir, **{"eval.crf.enabled": True, "eval.crf.bilateral_xy_std": 20.0})
+  exp = build_experiment(config)
+  size, c = config.input.eval_size, config.model.num_classes
+  params = ref.random_variables(exp.model, np.zeros((1, size, size, 3), np.float32), train=False)["params"]
+  rng = np.random.default_rng(2)
+  batch = {"image": rng.normal(0, 60, (4, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, c, (4, size, size)).astype(np.int32), "mask": np.ones((4, size, size), bool)}
+  batch["mask"][:, -20:] = False
+  stats = jax.device_get(steps.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
+  fused = exp.model.apply({"params": params}, batch["image"], train=False).fused
+  scores = ref.bilinear(np.asarray(fused, np.float64), (size, size)).astype(np.float32)
+  rgb = batch["image"] + np.asarray(config.input.mean_rgb, np.float32)
+  settings = {k: v for k, v in config.eval.crf.items() if k != "enabled"}
+  pred = np.asarray(crf.dense_crf(scores, rgb, batch["mask"], **settings)).argmax(-1)
+  want = np.zeros((c, c), np.int64)
+  np.add.at(want, (batch["label"][batch["mask"]], pred[batch["mask"]]), 1)
+  assert np.abs(stats["confusion"] - want).sum() <= 0.002 * batch["mask"].sum()
+  plain = np.zeros((c, c), np.int64)
+  np.add.at(plain, (batch["label"][batch["mask"]], scores.argmax(-1)[batch["mask"]]), 1)
+  assert np.abs(plain - want).sum() > 0.01 * batch["mask"].sum()  # the CRF changed the labelling

@@ -15,8 +15,8 @@ from scaleattn import evaluate, input_pipeline, sharding, steps  # noqa: E402
 from scaleattn.state import build_experiment  # noqa: E402
 
 # name: (data axis, microbatches, dropout)
-TRAIN_CASES = {"d1": (1, 1, True), "d4": (4, 1, True), "d8": (8, 1, True), "d16": (16, 1, True),
-               "d1_nodropout": (1, 1, False), "d4_k3": (4, 3, False), "d8_k5": (8, 5, False)}
+TRAIN_CASES = {"d1": (1, 1, True), "d4": (4, 1, True), "d16": (16, 1, True), "d1_nodropout": (1, 1, False),
+               "d8_k5": (8, 5, False)}
 
 
 def config(data_dir: str, devices: int, microbatches: int = 1, dropout: bool = True):

@@ -304,7 +304,8 @@ def main(argv):
         cases.append(case)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({**environment(), **target, "command": " ".join(sys.argv), "host_memory_retained": retained,
+      command = " ".join(["python -m scaleattn.benchmark", *sys.argv[1:]])
+      json.dump({**environment(), **target, "command": command, "host_memory_retained": retained,
                  "cases": cases}, f, indent=2)
 
 

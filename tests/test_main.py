@@ -1,0 +1,23 @@
+"""The command line shows a config problem as its message alone (exit status 2); --verbosity=1 adds the
+traceback."""
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*flags):
+  return subprocess.run([sys.executable, "-m", "scaleattn.main", "--config=configs/shapes.py:smoke", "--workdir=unused",
+                         "--config.model.remat=all", "--config.train.microbatches=3", *flags], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+
+
+def test_config_error_is_a_message_without_traceback():
+  out = _main()
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "error: Invalid config:" in out.stderr and "Traceback" not in out.stderr
+  assert "config.model.remat='all': expected one of ('none', 'per_scale', 'per_block')" in out.stderr
+  assert "config.train.microbatches=3: expected a divisor of config.train.batch_size=4, one of (1, 2, 4)" in out.stderr
+  verbose = _main("--verbosity=1")
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
