@@ -7,7 +7,7 @@ sees every object well.
 
   python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~5 min on 2 cores
   python -m scaleattn.main --config=configs/shapes.py:ablation --workdir=W                 # one ablation cell
-  python -m scaleattn.main --config=configs/shapes.py:smoke --workdir=/tmp/smoke           # < 1 minute, for tests
+  python -m scaleattn.main --config=configs/shapes.py:smoke --workdir=W                    # about a minute, for tests
 """
 import ml_collections
 

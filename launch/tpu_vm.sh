@@ -8,7 +8,8 @@
 # The code the workers run: this checkout (its committed HEAD, copied to every worker), or REPO=<git URL> to clone
 # that instead. Any global batch runs on any number of chips (padded to the chip count), so configs/voc.py starts
 # unchanged on v4-8 (4 chips), v4-32 (16) and larger slices.
-# Use a gs:// workdir on pod slices: every worker must see the same checkpoint directory.
+# WORKDIR must be gs:// (on pod slices every worker must see the same checkpoint directory) or an absolute path:
+# the code folder on the workers is replaced at every launch, the workdir never is, so a rerun resumes.
 set -euo pipefail
 
 CONFIG=${1:?usage: tpu_vm.sh CONFIG WORKDIR [EXTRA_FLAGS]}
@@ -20,6 +21,11 @@ ACCELERATOR=${ACCELERATOR:-v4-8}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
 REPO=${REPO:-}
 LOCAL_RESULTS=${LOCAL_RESULTS:-results/${TPU_NAME}}
+case "${WORKDIR}" in
+  gs://*|/*) ;;
+  *) echo "tpu_vm.sh: WORKDIR=${WORKDIR}: expected a gs:// or absolute path (the code folder is replaced at every launch)" >&2
+     exit 2 ;;
+esac
 
 tpu() { gcloud compute tpus tpu-vm "$@" --zone="${ZONE}"; }
 
@@ -28,25 +34,25 @@ if ! tpu describe "${TPU_NAME}" >/dev/null 2>&1; then
 fi
 
 if [ -n "${REPO}" ]; then
-  FETCH="rm -rf scaleattn && git clone ${REPO} scaleattn"
+  FETCH="rm -rf scaleattn_src && git clone ${REPO} scaleattn_src"
 else
   ARCHIVE=$(mktemp --suffix=.tar.gz)
-  git -C "$(dirname "$0")/.." archive --format=tar.gz --prefix=scaleattn/ -o "${ARCHIVE}" HEAD
-  tpu scp --worker=all "${ARCHIVE}" "${TPU_NAME}:scaleattn.tar.gz"
+  git -C "$(dirname "$0")/.." archive --format=tar.gz --prefix=scaleattn_src/ -o "${ARCHIVE}" HEAD
+  tpu scp --worker=all "${ARCHIVE}" "${TPU_NAME}:scaleattn_src.tar.gz"
   rm -f "${ARCHIVE}"
-  FETCH="rm -rf scaleattn && tar xzf scaleattn.tar.gz"
+  FETCH="rm -rf scaleattn_src && tar xzf scaleattn_src.tar.gz"
 fi
 
 tpu ssh "${TPU_NAME}" --worker=all --command "
   set -e
   ${FETCH}
-  cd scaleattn
-  python3 -m venv .venv && . .venv/bin/activate
-  pip install -q -c constraints.txt -e '.[tpu]'
+  [ -d scaleattn_venv ] || python3 -m venv scaleattn_venv
+  . scaleattn_venv/bin/activate
+  cd scaleattn_src && pip install -q -c constraints.txt -e '.[tpu]'
 "
 
 tpu ssh "${TPU_NAME}" --worker=all --command "
-  cd scaleattn && . .venv/bin/activate
+  . scaleattn_venv/bin/activate && cd scaleattn_src
   python -m scaleattn.main --config=${CONFIG} --workdir=${WORKDIR} ${EXTRA}
 "
 

@@ -19,7 +19,8 @@ bilateral grid is rescaled to make its own self-weight exactly 1 too. Q starts a
 CRF of DeepLab's release, `run_densecrf.sh`, is built on): each kernel's message is divided by the kernel's row
 sum, self included,
 m_i(l) = sum_k w_k sum_j k(i, j) Q_j(l) / sum_j k(i, j), so a message is at most w_k. DeepLab's weights were tuned
-for that normalized message: with the paper's unnormalized kernels (the default here) the message grows with the
+for that normalized message (config.eval.crf sets normalize=True): with the paper's unnormalized kernels (this
+function's default) the message grows with the
 number of similar pixels (up to 2 pi 121^2 ~ 9e4 times w in a uniform region at xy std 121), so the same weights
 make a much stronger CRF. The normalized update is not a mean-field step of a symmetric pairwise energy.
 
@@ -151,8 +152,7 @@ def bilateral_filter(values: jax.Array, positions_rgb: jax.Array, xy_std: float,
   The grid kernel S_ij (splat-blur-slice) is not shift-invariant with one-std cells: its value at distance 0 runs
   from 0.35 to 0.46 per axis, depending on where the pixel falls in its cell (a factor of up to 4 in 5-D). It is
   rescaled symmetrically, k_ij = S_ij / sqrt(S_ii S_jj), which makes k(i, i) = 1 as for the exact kernel, keeps it
-  symmetric, and cut the relative error of the j != i sums from 30-60% to 4-13% on noisy test images
-  (tests/test_crf.py)."""
+  symmetric and removes most of the error of the j != i sums (tests/test_crf.py bounds what is left)."""
   return _bilateral_grid(positions_rgb, xy_std, rgb_std)(values)
 
 

@@ -4,9 +4,11 @@
   python -m scaleattn.main --exported=model.msgpack --workdir=W2 --mode=predict --inputs=img.jpg
 
 File format: flax msgpack (`flax.serialization.msgpack_serialize`) of a dict
-  {'format': 'scaleattn.export', 'version': 1, 'config_json': the ConfigDict as JSON, 'params': the MultiScaleNet
+  {'format': 'scaleattn.export', 'version': 2, 'config_json': the ConfigDict as JSON, 'params': the MultiScaleNet
    parameter tree of float32 arrays ({'backbone': ..., 'fusion': ...})}.
 JSON has no tuples, so `config_from_json` turns every list back into a tuple (the configs use tuples only).
+Version 1 files (and workdirs' config.json from before `config.model` had backbone and fusion sub-configs) are
+read too: `upgrade_config` moves their model fields into today's layout; the parameter tree is the same.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from scaleattn import checkpointing, models
 from scaleattn.state import build_experiment
 
 FORMAT, VERSION = "scaleattn.export", 2  # 2: config.model with backbone and fusion sub-configs
+READABLE_VERSIONS = (1, 2)
+_V1_BACKBONE_FIELDS = ("block_widths", "block_depths", "fc_width", "conv5_dilation", "fc6_dilation", "dropout_rate")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -43,9 +47,28 @@ def _tuples(value: Any) -> Any:
   return value
 
 
+def upgrade_config(raw: dict) -> dict:
+  """A config dict from before `config.model` had backbone and fusion sub-configs, in today's layout (the fields
+  added since take the values that reproduce the old behaviour); a current one is returned unchanged."""
+  model = raw.get("model", {})
+  if not isinstance(model.get("fusion"), str):
+    return raw
+  model["backbone"] = {"name": "largefov", **{k: model.pop(k) for k in _V1_BACKBONE_FIELDS if k in model},
+                       "fc8_init_std": None}
+  model["fusion"] = {"name": model["fusion"], "hidden": model.pop("attention_hidden"),
+                     "dropout_rate": model.pop("attention_dropout")}
+  model.setdefault("conv_impl", "auto")
+  model.setdefault("remat", "none")
+  raw.get("loss", {}).pop("ignore_label", None)
+  raw.setdefault("train", {}).setdefault("microbatches", 1)
+  raw.setdefault("eval", {}).setdefault("crf", {"enabled": False})
+  return raw
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """The ConfigDict written by `config_to_json` (or a run's config.json), tuples restored."""
-  return ml_collections.ConfigDict(_tuples(json.loads(text)))
+  """The ConfigDict written by `config_to_json` (or a run's config.json), tuples restored, upgraded to today's
+  layout if older."""
+  return ml_collections.ConfigDict(_tuples(upgrade_config(json.loads(text))))
 
 
 def check_params(params: Any, model_config: ml_collections.ConfigDict, source: str) -> None:
@@ -85,8 +108,8 @@ def load_exported(path: str) -> tuple[dict[str, Any], ml_collections.ConfigDict]
     raise ValueError(f"{path}: not an exported scaleattn model ({type(e).__name__}: {e})") from e
   if not isinstance(payload, dict) or payload.get("format") != FORMAT:
     raise ValueError(f"{path}: not an exported scaleattn model (no format tag {FORMAT!r})")
-  if payload.get("version") != VERSION:
-    raise ValueError(f"{path}: export format version {payload.get('version')}, this code reads {VERSION}")
+  if payload.get("version") not in READABLE_VERSIONS:
+    raise ValueError(f"{path}: export format version {payload.get('version')}, this code reads {READABLE_VERSIONS}")
   return payload["params"], config_from_json(payload["config_json"])
 
 

@@ -35,7 +35,7 @@ flags.DEFINE_string("compilation_cache_dir",
                     os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/scaleattn/xla")),
                     "Persistent XLA compilation cache: a rerun or a resumed run loads its compiled steps from here "
                     "instead of compiling them again ('' turns it off).")
-flags.DEFINE_bool("retain_host_memory", True, host_memory.FLAG_HELP)
+host_memory.define_flag()
 flags.DEFINE_string("results", "", "Also write what the run returned (final metrics), its wall time and where it ran "
                     "to this JSON file, e.g. a record under launch/results/.")
 flags.mark_flags_as_required(["workdir"])
@@ -82,7 +82,7 @@ def main(argv):
   try:
     result = run(FLAGS.mode)
   except _user_errors() as e:
-    if FLAGS.verbosity >= 1 or os.environ.get("SCALEATTN_TRACEBACK"):
+    if FLAGS.verbosity >= 1 or os.environ.get("SCALEATTN_TRACEBACK") == "1":
       raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)

@@ -21,8 +21,13 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
   n = jax.device_count() if cfg.data == -1 else cfg.data
   if n < 1 or n > jax.device_count():
     raise ValueError(f"config.mesh.data={cfg.data}: expected -1 or 1..{jax.device_count()} (devices available)")
+  devices = jax.devices()[:n]
+  if len({d.process_index for d in devices}) != jax.process_count():
+    raise ValueError(f"config.mesh.data={cfg.data}: the first {n} devices leave out some of the "
+                     f"{jax.process_count()} processes, which would then hold no rows of the batch; expected -1 "
+                     f"or a multiple of the {jax.local_device_count()} devices per process")
   # Auto axes: XLA propagates shardings from the explicit in/out shardings of the jitted steps.
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n], axis_types=(AxisType.Auto,))
+  return jax.make_mesh((n,), (DATA_AXIS,), devices=devices, axis_types=(AxisType.Auto,))
 
 
 def data_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:

@@ -46,6 +46,9 @@ class Experiment:
 
 
 def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices; an abstract mesh has none, so its builder must name one."""
+  if not hasattr(mesh, "devices"):
+    raise ValueError("build_experiment: an abstract mesh has no devices to take the platform from; pass platform=")
   return mesh.devices.flat[0].platform
 
 

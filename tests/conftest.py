@@ -2,6 +2,7 @@
 
 This must run before JAX initialises its backends, hence the environment variables at import time.
 """
+import glob
 import os
 import tempfile
 
@@ -37,3 +38,15 @@ def _compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", path)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
+
+
+def logged_scalars(workdir, tag: str) -> dict[int, float]:
+  """step -> value of a scalar in the run's TensorBoard event files."""
+  import tensorflow as tf  # noqa: PLC0415 - reads what clu's writer wrote
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(tf.make_ndarray(v.tensor))
+  return values

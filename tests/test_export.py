@@ -1,5 +1,6 @@
 """Exported models: the file gives back the same parameters, config and predictions; wrong inputs are named."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ from scaleattn import checkpointing, export, train
 from scaleattn.models import build_model
 from scaleattn.preprocessing import CAFFE_MEAN_RGB
 from scaleattn.state import build_experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_like(abstract, seed=0):
@@ -75,6 +78,29 @@ def test_load_rejects_other_files(tmp_path):
     export.load_exported(str(path))
   with pytest.raises(FileNotFoundError, match="missing.msgpack"):
     export.load_exported(str(tmp_path / "missing.msgpack"))
+
+
+def test_version_1_files_are_read_into_todays_config_layout(tmp_path):
+  """A version-1 file: the config as runs wrote it before the model had backbone and fusion sub-configs (here the
+  recorded ablation grid's, launch/results/ablation.json), with that model's parameters."""
+  import json  # noqa: PLC0415
+
+  from flax import serialization  # noqa: PLC0415
+  old = json.load(open(os.path.join(REPO, "launch", "results", "ablation.json")))["config"]
+  assert old["model"]["fusion"] == "attention" and "block_widths" in old["model"]
+  config = export.upgrade_config(json.loads(json.dumps(old)))
+  params = random_like(jax.eval_shape(lambda: build_model(export.config_from_json(json.dumps(config)).model).init(
+      jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))["params"])
+  path = tmp_path / "v1.msgpack"
+  path.write_bytes(serialization.msgpack_serialize(
+      {"format": export.FORMAT, "version": 1, "config_json": json.dumps(old), "params": params}))
+  loaded_params, loaded = export.load_exported(str(path))
+  assert loaded.model.backbone.block_widths == (16, 32, 64, 64, 64) and loaded.model.backbone.fc_width == 128
+  assert (loaded.model.fusion.name, loaded.model.fusion.hidden, loaded.model.fusion.dropout_rate) == ("attention", 64,
+                                                                                                        0.1)
+  assert loaded.train.microbatches == 1 and "ignore_label" not in loaded.loss and not loaded.eval.crf.enabled
+  export.check_params(loaded_params, loaded.model, "v1.msgpack")  # the parameter tree did not change
+  build_experiment(loaded)  # and the upgraded config validates
 
 
 def test_export_a_training_workdir(tmp_path):

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import logged_scalars
 
 from configs import shapes
 from scaleattn import checkpointing, input_pipeline, train
@@ -147,11 +148,14 @@ def _inject_nan(monkeypatch, step):
 
 
 def test_nan_batch_raises_naming_step_and_keeps_checkpoint(data_dir, monkeypatch, tmp_path):
-  _inject_nan(monkeypatch, step=5)
+  """The NaN comes at step 4 (0-based), between checkpoints and log steps: the host sees it at the next
+  checkpoint step (6), before saving, and names step 4; the checkpoint of step 3 is the last."""
+  _inject_nan(monkeypatch, step=4)
   workdir = str(tmp_path / "run")
-  with pytest.raises(train.NonFiniteError, match=r"step 5: .*loss/fused"):
-    train.train_and_evaluate(_config(data_dir), workdir)
-  assert _saved_steps(workdir)[-1] == 4
+  config = _config(data_dir, **{"train.checkpoint_every_steps": 3, "train.log_every_steps": 100})
+  with pytest.raises(train.NonFiniteError, match=r"step 4: .*loss/fused"):
+    train.train_and_evaluate(config, workdir)
+  assert _saved_steps(workdir)[-1] == 3
   monkeypatch.undo()
 
 
@@ -163,4 +167,5 @@ def test_nan_batch_skipped_when_configured(data_dir, monkeypatch, tmp_path):
   train.train_and_evaluate(config, workdir)
   after_4, after_5 = _params(workdir, config, step=4), _params(workdir, config, step=5)
   _assert_same(after_4, after_5)  # the bad step changed nothing
+  assert logged_scalars(workdir, "skipped_steps")[5] == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_5))

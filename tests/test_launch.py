@@ -37,15 +37,17 @@ def test_tpu_vm_ships_this_checkout_unless_a_repo_is_given(tmp_path):
   run = [os.path.join(LAUNCH, "tpu_vm.sh"), "configs/voc.py", "gs://bucket/run"]
   subprocess.run(run, env=env, check=True, capture_output=True, cwd=tmp_path)
   calls = log.read_text()
-  assert "scp --worker=all" in calls and "scaleattn.tar.gz" in calls and "git clone" not in calls
-  assert "tar xzf scaleattn.tar.gz" in calls and "--accelerator-type=v4-8" not in calls  # describe succeeded
+  assert "scp --worker=all" in calls and "scaleattn_src.tar.gz" in calls and "git clone" not in calls
+  assert "tar xzf scaleattn_src.tar.gz" in calls and "--accelerator-type=v4-8" not in calls  # describe succeeded
   assert "python -m scaleattn.main --config=configs/voc.py --workdir=gs://bucket/run" in calls
   assert "gsutil -m cp -r gs://bucket/run" in calls
   log.unlink()
   subprocess.run(run, env=dict(env, REPO="https://example.org/me/scaleattn.git"), check=True, capture_output=True,
                  cwd=tmp_path)
   calls = log.read_text()
-  assert "git clone https://example.org/me/scaleattn.git scaleattn" in calls and "scp --worker=all" not in calls
+  assert "git clone https://example.org/me/scaleattn.git scaleattn_src" in calls and "scp --worker=all" not in calls
+  relative = subprocess.run([*run[:2], "runs/voc"], env=env, capture_output=True, text=True, cwd=tmp_path)
+  assert relative.returncode == 2 and "expected a gs:// or absolute path" in relative.stderr
 
 
 def _install_cell(nb) -> str:

@@ -24,16 +24,18 @@ TRAIN_CONVOLUTIONS = 3 * (SCALES * LAYERS + HEAD) - SCALES
 EVAL_CONVOLUTIONS = SCALES * LAYERS + HEAD
 
 
-def _lower(platform: str, dtype: str, devices: int, train: bool = True, conv_impl: str = "auto") -> str:
+def _lower(platform: str, dtype: str, devices: int, train: bool = True, conv_impl: str = "auto",
+           microbatches: int = 1, remat: str = "none") -> str:
   config = voc.get_config()
-  config.model.dtype, config.model.conv_impl = dtype, conv_impl
+  config.model.dtype, config.model.conv_impl, config.model.remat = dtype, conv_impl, remat
+  config.train.microbatches = microbatches
   mesh = AbstractMesh((devices,), ("data",), axis_types=(AxisType.Auto,))
   exp = build_experiment(config, mesh, platform=platform)
   key = jax.eval_shape(lambda: jax.random.key(0))
   if train:
-    rows = input_pipeline.batch_layout(config.train.batch_size, 1, devices, 1).rows
-    batch = {"image": jax.ShapeDtypeStruct((1, rows, 321, 321, 3), jnp.float32),
-             "label": jax.ShapeDtypeStruct((1, rows, 321, 321), jnp.int32)}
+    rows = input_pipeline.batch_layout(config.train.batch_size, microbatches, devices, 1).rows
+    batch = {"image": jax.ShapeDtypeStruct((microbatches, rows, 321, 321, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((microbatches, rows, 321, 321), jnp.int32)}
     traced = steps.jit_train_step(exp).trace(exp.abstract_state, batch, key)
   else:
     size = config.input.eval_size
@@ -61,6 +63,15 @@ def test_train_step_lowers_for_gpu_and_tpu(platform, dtype, devices):
 @pytest.mark.parametrize("platform, dtype, devices", [("cuda", "float32", 1), ("tpu", "bfloat16", 8)])
 def test_eval_step_lowers_for_gpu_and_tpu(platform, dtype, devices):
   _check(_lower(platform, dtype, devices, train=False), devices, EVAL_CONVOLUTIONS, dtype)
+
+
+def test_accumulated_rematerialised_step_lowers_with_its_scan_and_barriers():
+  """3 microbatches (a loop over slices of the batch) and per-block rematerialisation: the TPU program keeps the
+  loop and the optimisation barriers that stop the compiler from undoing the recomputation."""
+  text = _lower("tpu", "bfloat16", 8, microbatches=3, remat="per_block")
+  assert re.findall(r"custom_call @(\w+)", text) == []
+  assert "stablehlo.while" in text and "stablehlo.optimization_barrier" in text
+  assert "stablehlo.optimization_barrier" not in _lower("tpu", "bfloat16", 8, microbatches=3)
 
 
 def test_the_check_sees_cpu_kernels():

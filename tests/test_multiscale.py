@@ -132,6 +132,9 @@ def test_rematerialisation_gives_the_same_gradients(remat, scale_execution):
 
   for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(rematted)), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  primitives = lambda model: {e.primitive.name for e in jax.make_jaxpr(
+      lambda p: model.apply({"params": p}, x, train=False).fused)(params).jaxpr.eqns}
+  assert "remat2" in primitives(rematted) and "remat2" not in primitives(plain)  # the remat is really there
 
 
 class _MeanColour(nn.Module):

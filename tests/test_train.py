@@ -8,7 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import NUM_TEST_DEVICES
+from conftest import NUM_TEST_DEVICES, logged_scalars
 
 from configs import shapes
 from scaleattn import checkpointing, input_pipeline, sharding, steps, train
@@ -38,18 +38,6 @@ def _final_params(workdir, config):
   return jax.device_get(params)
 
 
-def _logged(workdir, tag: str) -> dict[int, float]:
-  """step -> value of a scalar in the run's TensorBoard event files."""
-  import tensorflow as tf  # noqa: PLC0415 - reads what clu's writer wrote
-  values = {}
-  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.tag == tag:
-          values[event.step] = float(tf.make_ndarray(v.tensor))
-  return values
-
-
 def test_a_short_run_learns_and_writes_everything(data_dir, tmp_path):
   """300 steps of a small model on the smoke data: the logged loss falls and the validation mIoU beats predicting
   background everywhere (computed here from the labels); checkpoints, event files, config and panels written."""
@@ -60,7 +48,7 @@ def test_a_short_run_learns_and_writes_everything(data_dir, tmp_path):
                                      "model.backbone.fc_width": 32})
   assert jax.device_count() == NUM_TEST_DEVICES
   result = train.train_and_evaluate(config, str(tmp_path))
-  loss = _logged(tmp_path, "loss")
+  loss = logged_scalars(tmp_path, "loss")
   assert sorted(loss) == [50, 100, 150, 200, 250, 300]
   assert loss[300] < 0.9 * loss[50], loss
   background = np.zeros((5, 5))

@@ -1,6 +1,6 @@
 """Convolutions in the pieces XLA:CPU runs fastest; each computes exactly what `lax.conv_general_dilated` computes.
 
-Chosen by `config.model.conv_impl='cpu'` (or 'auto' on a CPU mesh), never on GPU or TPU. Measurements behind the
+Chosen by `config.model.conv_impl='auto'` on a CPU mesh (or 'cpu', asked for by name). Measurements behind the
 thresholds are in the README's performance section.
 - Winograd F(2x2, 3x3) for float32 3x3 convolutions with 128+ channels on maps below 200x200 (a dilated one runs on
   its dilation phases): 16 multiplies per 2x2 output tile instead of 36, as 16 batched matmuls between elementwise

@@ -1,9 +1,10 @@
 """The backbone's convolution and max-pool, each with two implementations of one function.
 
-'xla' is `lax.conv_general_dilated` and `lax.reduce_window`: what GPU and TPU compilers take best, and the only
-path in a program built for them. 'cpu' is `scaleattn.kernels` (Winograd, per-tap and strip convolutions, the
-max-pool as shifted maxima), faster on XLA:CPU. `config.model.conv_impl='auto'` resolves from the platform the
-program is built for (the mesh's devices, or an export target), never from the host's default backend.
+'xla' is `lax.conv_general_dilated` and `lax.reduce_window`: what GPU and TPU compilers take best, and what a
+program built for them gets unless 'cpu' is asked for by name. 'cpu' is `scaleattn.kernels` (Winograd, per-tap and
+strip convolutions, the max-pool as shifted maxima), faster on XLA:CPU. `config.model.conv_impl='auto'` resolves
+from the platform the program is built for (the mesh's devices, or an export target), never from the host's
+default backend.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 
 from scaleattn.kernels import cpu_conv, cpu_pool
@@ -24,6 +26,9 @@ def resolve_conv_impl(conv_impl: str, platform: str) -> str:
   """'xla' or 'cpu' for `conv_impl` on devices of `platform` ('cpu', 'gpu', 'cuda', 'rocm', 'tpu')."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
+  if conv_impl == "cpu" and platform != "cpu":
+    logging.warning("config.model.conv_impl='cpu' on a %s program: the CPU kernels will run there as asked, slower "
+                    "than the plain path; use 'auto' or 'xla'.", platform)
   if conv_impl != "auto":
     return conv_impl
   return "cpu" if platform == "cpu" else "xla"

@@ -60,7 +60,7 @@ flags.DEFINE_bool("memory_only", False, "Compile the train step of each case and
 flags.DEFINE_string("tpu_topology", "", "With --memory_only: compile for this TPU topology (e.g. 'v5e:2x2'; "
                     "--config.mesh.data=1 takes one of its chips) on this host, without a TPU (JAX's deviceless "
                     "compilation; needs libtpu installed).")
-flags.DEFINE_bool("retain_host_memory", True, host_memory.FLAG_HELP)
+host_memory.define_flag()
 
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one JAX device, from the vendors' data sheets: (substring of the

@@ -14,8 +14,17 @@ import importlib.util
 import os
 import platform
 
-FLAG_HELP = ("CPU runs on Linux/glibc: keep freed host memory for reuse (one malloc arena, no mmap-served blocks, no "
-             "trimming), so XLA:CPU's per-step temporaries do not fault in fresh pages every step.")
+from absl import flags
+
+FLAG = "retain_host_memory"
+
+
+def define_flag() -> None:
+  """Defines --retain_host_memory for an entry point (once per process, whichever entry point comes first)."""
+  if FLAG not in flags.FLAGS:
+    flags.DEFINE_bool(FLAG, True, "CPU runs on Linux/glibc: keep freed host memory for reuse (one malloc arena, no "
+                      "mmap-served blocks, no trimming), so XLA:CPU's per-step temporaries do not fault in fresh "
+                      "pages every step.")
 
 # mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1
