@@ -231,7 +231,8 @@ def test_crf_in_evaluation_refines_the_upsampled_fused_scores(data_dir):
   import numpy_reference as ref  # noqa: PLC0415
 
   from scaleattn import crf  # noqa: PLC0415
-  config = smoke_config(data_dir, **{"eval.crf.enabled": True, "eval.crf.bilateral_xy_std": 20.0})
+  config = smoke_config(data_dir, **{"eval.crf.enabled": True, "eval.crf.bilateral_xy_std": 20.0,
+                                     "eval.crf.bilateral_rgb_std": 30.0})  # a small grid: a fast test
   exp = build_experiment(config)
   size, c = config.input.eval_size, config.model.num_classes
   params = ref.random_variables(exp.model, np.zeros((1, size, size, 3), np.float32), train=False)["params"]
