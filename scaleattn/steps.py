@@ -58,7 +58,7 @@ def train_metrics_class(term_names: tuple[str, ...]) -> type[clu_metrics.Collect
                 param_norm=clu_metrics.LastValue.from_output("param_norm"),
                 update_norm=clu_metrics.Average.from_output("update_norm"),
                 learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
-                nonfinite_steps=clu_metrics.Average.from_output("nonfinite"),
+                nonfinite_fraction=clu_metrics.Average.from_output("nonfinite"),
                 first_nonfinite_step=FirstNonFinite)
   return clu_metrics.Collection.create(**fields)
 

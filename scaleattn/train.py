@@ -143,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           first_bad = int(scalars.pop("first_nonfinite_step"))
           if first_bad >= 0 and config.train.on_nonfinite == "raise":
             raise_nonfinite(first_bad, scalars)
-          newly_skipped = round(float(window.nonfinite_steps.total))
+          newly_skipped = round(float(window.nonfinite_fraction.total))
           if newly_skipped:
             skipped += newly_skipped
             logging.warning("Steps %d..%d: %d non-finite loss or gradient, update skipped (%d so far).",
