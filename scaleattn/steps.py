@@ -98,10 +98,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       (loss, terms), grads = grad_fn(state.params, images, labels, jax.random.fold_in(rng, index), counts)
       return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-        lambda: grad_fn(state.params, batch["image"][0], batch["label"][0], rng, counts)))
-    (loss, terms, grads), _ = jax.lax.scan(
-        accumulate, (zeros[0][0], zeros[0][1], zeros[1]), (jnp.arange(num_micro), batch["image"], batch["label"]))
+    (zero_loss, zero_terms), zero_grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        grad_fn, state.params, batch["image"][0], batch["label"][0], rng, counts))
+    (loss, terms, grads), _ = jax.lax.scan(accumulate, (zero_loss, zero_terms, zero_grads),
+                                           (jnp.arange(num_micro), batch["image"], batch["label"]))
   grad_norm = optax.global_norm(grads)
   updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
