@@ -60,7 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
           fc8_init_std=ml_collections.FieldReference(0.01, field_type=float),  # None: LeCun normal
       )),
       fusion=ml_collections.ConfigDict(dict(
-          name="attention",  # 'attention' | 'average' | 'max'
+          # 'attention' (the paper's: one logit per trained scale) | 'shared_attention' | 'hierarchical' (Tao et
+          # al. 2020) | 'average' | 'max'; all but 'attention' also run on scale sets they were not trained on.
+          name="attention",
           hidden=512,
           dropout_rate=0.5,
       )),
@@ -106,9 +108,14 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
+      # Inference scales (evaluation and prediction); empty: config.model.scales. 1.0 must be among them; scales
+      # above 1 are allowed. Another set than the training one needs a scale-agnostic fusion.
+      scales=(),
       batch_size=8,
       flip=False,
-      num_examples=4,  # validation images written with their weight maps at the end of training.
+      # Validation images shown with ground truth, weight maps and prediction: in TensorBoard at every evaluation,
+      # as files in WORKDIR/examples at the end of training. 0 = none.
+      num_examples=4,
       # Edges (pixels) of the object-size bins for the attention-by-size statistics (datasets with
       # per-pixel instance sizes only).
       size_bins=(16, 32, 64, 128),

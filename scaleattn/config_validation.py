@@ -8,6 +8,7 @@ import ml_collections
 
 from scaleattn import losses, optimizers
 from scaleattn.models import layers, multiscale, registry
+from scaleattn.models.fusion import PARAMETER_FREE, SCALE_AGNOSTIC
 
 OUTPUT_STRIDE = 8
 ON_NONFINITE = ("raise", "skip")
@@ -45,6 +46,18 @@ def _module_settings(sub: ml_collections.ConfigDict, field: str, factories: dict
           for key in sub if key != "name" and key not in allowed]
 
 
+def _scale_problems(field: str, scales: Sequence[float], execution: str) -> list[str]:
+  if not scales or any(not s > 0 for s in scales):
+    return [f"config.{field}={scales!r}: expected a non-empty tuple of positive scales"]
+  if 1.0 not in scales:
+    return [f"config.{field}={scales!r}: 1.0 must be among the scales (it sets the output grid)"]
+  if len(set(scales)) != len(scales):
+    return [f"config.{field}={scales!r}: scales must be distinct"]
+  if execution == "vmap" and max(scales) > 1.0:
+    return [f"config.{field}={scales!r}: config.model.scale_execution='vmap' needs every scale <= 1; use 'loop'"]
+  return []
+
+
 def _divisors(n: int) -> tuple[int, ...]:
   return tuple(d for d in range(1, n + 1) if n % d == 0)
 
@@ -59,12 +72,16 @@ def validate(config: ml_collections.ConfigDict, *, num_data_devices: int, proces
   problems += _module_settings(config.model.fusion, "model.fusion", registry.FUSIONS)
 
   scales: Sequence[float] = tuple(config.model.scales)
-  if not scales or any(not s > 0 for s in scales):
-    problems.append(f"config.model.scales={scales!r}: expected a non-empty tuple of positive scales")
-  elif scales[0] != 1.0:
-    problems.append(f"config.model.scales={scales!r}: the first scale must be 1.0 (it sets the output grid)")
-  elif len(set(scales)) != len(scales):
-    problems.append(f"config.model.scales={scales!r}: scales must be distinct")
+  problems += _scale_problems("model.scales", scales, config.model.scale_execution)
+  eval_scales = tuple(config.eval.scales)
+  if eval_scales:
+    problems += _scale_problems("eval.scales", eval_scales, config.model.scale_execution)
+    fusion = config.model.fusion.name
+    single = len(scales) == 1 and fusion not in PARAMETER_FREE
+    if len(eval_scales) > 1 and (single or (fusion not in SCALE_AGNOSTIC and eval_scales != scales)):
+      can = PARAMETER_FREE if single else SCALE_AGNOSTIC
+      problems.append(f"config.eval.scales={eval_scales!r}: a model trained on config.model.scales={scales!r} with "
+                      f"fusion {fusion!r} runs only on those scales; fusions that run on another set: {can}")
   weights = config.loss.scale_weights
   if weights is not None and len(weights) != len(scales):
     problems.append(f"config.loss.scale_weights={weights!r}: expected one weight per scale ({len(scales)})")

@@ -32,7 +32,7 @@ def evaluate_split(eval_fn: Callable, params: Any, exp: Experiment, batches: Ite
   totals = jax.device_get(totals)
   result = metrics.summarize(metrics.compute_iou(totals["confusion"]), class_names)
   if "weight_sum" in totals:
-    scales = tuple(f"scale_{s:g}" for s in exp.scales)
+    scales = tuple(f"scale_{s:g}" for s in exp.eval_scales)
     bins = tuple(exp.config.eval.size_bins)
     result.update(metrics.summarize_by_size(totals["weight_sum"], totals["pixel_count"], "attention", scales, bins))
     result.update(metrics.summarize_by_size(totals["correct_sum"], totals["pixel_count"], "accuracy",

@@ -13,12 +13,12 @@ from scaleattn.state import Experiment
 
 
 def predict_scores(params: Any, images: jax.Array, *, exp: Experiment, flip: bool) -> MultiScaleOutput:
-  """Eval-mode outputs on the scale-1 output grid; with `flip`, fused and per-scale scores and weights average the
-  image and its mirror (mirrored back)."""
-  out = exp.model.apply({"params": params}, images, train=False)
+  """Eval-mode outputs on the scale-1 output grid over config.eval.scales; with `flip`, fused and per-scale scores
+  and weights average the image and its mirror (mirrored back)."""
+  out = exp.eval_model.apply({"params": params}, images, train=False)
   if not flip:
     return out
-  mirrored = exp.model.apply({"params": params}, images[:, :, ::-1], train=False)
+  mirrored = exp.eval_model.apply({"params": params}, images[:, :, ::-1], train=False)
   return out.replace(fused=(out.fused + mirrored.fused[:, :, ::-1]) / 2,
                      per_scale=(out.per_scale + mirrored.per_scale[:, :, ::-1]) / 2,
                      weights=(out.weights + mirrored.weights[:, :, ::-1]) / 2)

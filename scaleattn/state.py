@@ -31,6 +31,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   mesh: Mesh
   model: models.MultiScaleNet
+  eval_model: models.MultiScaleNet  # the same parameters on config.eval.scales
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   init_state: Callable[[jax.Array], TrainState]  # jitted, replicated output
@@ -43,6 +44,10 @@ class Experiment:
   @property
   def scales(self) -> tuple[float, ...]:
     return tuple(float(s) for s in self.config.model.scales)
+
+  @property
+  def eval_scales(self) -> tuple[float, ...]:
+    return tuple(float(s) for s in self.config.eval.scales) or self.scales
 
 
 def mesh_platform(mesh: Mesh) -> str:
@@ -63,6 +68,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Mesh | None = None
   config_validation.validate(config, num_data_devices=mesh.size, process_count=jax.process_count())
   conv_impl = layers.resolve_conv_impl(config.model.conv_impl, platform or mesh_platform(mesh))
   model = models.build_model(config.model, conv_impl)
+  eval_model = models.build_model(config.model, conv_impl, scales=tuple(config.eval.scales) or None)
   crop = config.input.crop_size
   dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
   abstract_params = jax.eval_shape(lambda r: model.init(r, dummy, train=False)["params"], jax.random.key(0))
@@ -76,4 +82,4 @@ def build_experiment(config: ml_collections.ConfigDict, mesh: Mesh | None = None
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), abstract)
-  return Experiment(config, mesh, model, tx, schedule, init_state, abstract)
+  return Experiment(config, mesh, model, eval_model, tx, schedule, init_state, abstract)

@@ -22,9 +22,15 @@ def test_shipped_configs_are_valid_on_any_data_axis(get_config, devices):
 @pytest.mark.parametrize("field, value, message", [
     ("model.scales", (), "config.model.scales=(): expected a non-empty tuple"),
     ("model.scales", (1.0, -0.5), "config.model.scales=(1.0, -0.5): expected a non-empty tuple of positive"),
-    ("model.scales", (0.5, 1.0), "the first scale must be 1.0"),
+    ("model.scales", (0.5, 0.75), "config.model.scales=(0.5, 0.75): 1.0 must be among the scales"),
+    ("eval.scales", (1.5, 0.5), "config.eval.scales=(1.5, 0.5): 1.0 must be among the scales"),
+    ("eval.scales", (1.0, 0.5, 1.0), "config.eval.scales=(1.0, 0.5, 1.0): scales must be distinct"),
+    ("eval.scales", (1.0, 0.5), "config.eval.scales=(1.0, 0.5): a model trained on config.model.scales=(1.0, 0.75, "
+                                "0.5) with fusion 'attention' runs only on those scales; fusions that run on another "
+                                "set: ('shared_attention', 'hierarchical', 'average', 'max')"),
     ("model.scales", (1.0, 0.5, 0.5), "scales must be distinct"),
-    ("model.fusion.name", "mean", "config.model.fusion.name='mean': expected one of ('attention', 'average', 'max')"),
+    ("model.fusion.name", "mean", "config.model.fusion.name='mean': expected one of ('attention', 'shared_attention', "
+                                  "'hierarchical', 'average', 'max')"),
     ("model.backbone.name", "resnet", "config.model.backbone.name='resnet': expected one of ('largefov',)"),
     ("model.backbone.fc_widht", 8, "config.model.backbone.fc_widht: not a setting of backbone 'largefov' (it takes"),
     ("model.fusion.hiden", 8, "config.model.fusion.hiden: not a setting of fusion 'attention' (it takes ('hidden',"),
@@ -54,6 +60,28 @@ def test_bad_values(field, value, message):
   with pytest.raises(cv.ConfigError, match=None) as err:
     _validate(config)
   assert message in str(err.value)
+
+
+@pytest.mark.parametrize("fusion", ["shared_attention", "hierarchical", "average", "max"])
+def test_scale_agnostic_fusions_take_another_inference_scale_set(fusion):
+  config = base.get_config()
+  config.model.fusion.name, config.eval.scales = fusion, (2.0, 1.5, 1.0, 0.75, 0.5, 0.25)
+  _validate(config)
+  config.model.scale_execution = "vmap"
+  with pytest.raises(cv.ConfigError, match=r"config.eval.scales=\(2.0, .*'vmap' needs every scale <= 1"):
+    _validate(config)
+
+
+def test_single_scale_model_fuses_other_scales_only_without_parameters():
+  config = base.get_config()
+  config.model.scales, config.eval.scales = (1.0,), (1.0, 0.5)
+  for fusion, ok in (("average", True), ("max", True), ("shared_attention", False), ("attention", False)):
+    config.model.fusion.name = fusion
+    if ok:
+      _validate(config)
+    else:
+      with pytest.raises(cv.ConfigError, match=r"fusions that run on another set: \('average', 'max'\)"):
+        _validate(config)
 
 
 def test_devices_must_split_evenly_over_processes():

@@ -32,11 +32,96 @@ def _np_fusion(method, params, scores, feats):
   return (weights[..., None] * scores).sum(3), weights
 
 
-def _fusion(method, num_scales, scores, feats, hidden=7, seed=0):
+def _np_head(params, feats):
+  """The shared heads' logit for one scale: 3x3 conv + ReLU, then a 1x1 conv to one channel; [B, h, w, 1]."""
+  hidden = np.maximum(ref.conv(feats, params["hidden"]["kernel"], params["hidden"]["bias"]), 0)
+  return ref.conv(hidden, params["logits"]["kernel"], params["logits"]["bias"])
+
+
+def _np_shared_attention(params, scores, feats):
+  """w_i^s = softmax over s of head(fc7^s)_i with one head for all scales."""
+  logits = np.concatenate([_np_head(params, feats[:, :, :, k]) for k in range(scores.shape[3])], axis=-1)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = e / e.sum(-1, keepdims=True)
+  return (weights[..., None] * scores).sum(3), weights
+
+
+def _np_hierarchical(params, scores, native, scales):
+  """Tao et al.: from the highest scale down, fused = a_l * p_l + (1 - a_l) * fused, a_l = sigmoid(head(fc7_l)) on
+  the scale's own grid resized to the common one; the weight of scale l is a_l * prod(1 - a_k) over the scales k
+  below it (the highest scale: prod over all others)."""
+  grid = scores.shape[1:3]
+  order = np.argsort(scales)[::-1]  # highest first
+  att = {k: ref.bilinear(1 / (1 + np.exp(-_np_head(params, native[k]))), grid)[..., 0] for k in order[1:]}
+  fused = scores[:, :, :, order[0]]
+  for k in order[1:]:
+    fused = att[k][..., None] * scores[:, :, :, k] + (1 - att[k][..., None]) * fused
+  weights = np.ones(scores.shape[:4])
+  for pos, k in enumerate(order):
+    if pos:
+      weights[..., k] *= att[k]
+    for lower in order[pos + 1:]:
+      weights[..., k] *= 1 - att[lower]
+  return fused, weights
+
+
+def _fusion(method, num_scales, scores, feats, hidden=7, seed=0, **kwargs):
   """The module, variables with unit-scale attention weights (far from uniform softmax), and its jitted apply."""
   module = ScaleFusion(method, num_scales, hidden=hidden)
-  variables = ref.random_variables(module, scores, feats, train=False, seed=seed)
-  return module, variables, jax.jit(module.apply, static_argnames="train")
+  variables = ref.random_variables(module, scores, feats, train=False, seed=seed, **kwargs)
+  return module, variables, jax.jit(module.apply, static_argnames=("train", "scales"))
+
+
+@pytest.mark.parametrize("num_scales", [1, 2, 3, 4])
+def test_shared_attention_matches_numpy(num_scales):
+  rng = np.random.default_rng(10 + num_scales)
+  scores = rng.normal(size=(2, 5, 6, num_scales, 4)).astype(np.float32)
+  feats = rng.normal(size=(2, 5, 6, num_scales, 3)).astype(np.float32)
+  _, variables, apply = _fusion("shared_attention", None, scores, feats)
+  fused, weights = apply(variables, scores, feats, train=False)
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+  ref_fused, ref_weights = _np_shared_attention(params, scores.astype(np.float64), feats.astype(np.float64))
+  np.testing.assert_allclose(fused, ref_fused, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-6)
+  if num_scales > 1:
+    assert np.asarray(weights).std() > 0.05  # a non-trivial softmax
+  else:
+    np.testing.assert_allclose(fused, scores[:, :, :, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (0.5, 1.0, 0.75), (1.0, 0.75, 0.5, 0.25), (1.5, 1.0, 0.5, 2.0)])
+def test_hierarchical_matches_numpy(scales):
+  """S = 2, 3, 4, scales in any order and above 1, features at their own resolutions."""
+  rng = np.random.default_rng(len(scales))
+  s, grid = len(scales), 9
+  scores = rng.normal(size=(2, grid, grid, s, 4)).astype(np.float32)
+  native = [rng.normal(size=(2, max(2, round(grid * x)), max(2, round(grid * x)), 3)).astype(np.float32)
+            for x in scales]
+  _, variables, apply = _fusion("hierarchical", None, scores, native, scales=scales)
+  fused, weights = apply(variables, scores, native, train=False, scales=scales)
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+  ref_fused, ref_weights = _np_hierarchical(params, scores.astype(np.float64),
+                                            [f.astype(np.float64) for f in native], scales)
+  np.testing.assert_allclose(fused, ref_fused, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(weights, ref_weights, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-5)
+  assert np.asarray(weights).std() > 0.05  # attention far from constant
+
+
+@pytest.mark.parametrize("method", ["shared_attention", "hierarchical"])
+def test_one_set_of_parameters_serves_any_scale_set(method):
+  """Parameters made for two scales run on four, and on one (the identity)."""
+  rng = np.random.default_rng(7)
+  two = rng.normal(size=(1, 6, 6, 2, 3)).astype(np.float32), rng.normal(size=(1, 6, 6, 2, 5)).astype(np.float32)
+  _, variables, apply = _fusion(method, None, *two, scales=(1.0, 0.5))
+  four = rng.normal(size=(1, 6, 6, 4, 3)).astype(np.float32), rng.normal(size=(1, 6, 6, 4, 5)).astype(np.float32)
+  fused, weights = apply(variables, *four, train=False, scales=(1.5, 1.0, 0.75, 0.5))
+  assert fused.shape == (1, 6, 6, 3) and weights.shape == (1, 6, 6, 4)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-5)
+  one = four[0][:, :, :, :1], four[1][:, :, :, :1]
+  fused, weights = apply(variables, *one, train=False, scales=(1.0,))
+  np.testing.assert_allclose(fused, one[0][:, :, :, 0], atol=1e-6)
+  np.testing.assert_allclose(weights, 1.0)
 
 
 @pytest.mark.parametrize("method", ["attention", "average", "max"])
@@ -60,7 +145,7 @@ def test_matches_numpy(method, num_scales):
     np.testing.assert_allclose(fused, scores[:, :, :, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["attention", "average", "max"])
+@pytest.mark.parametrize("method", ["attention", "shared_attention", "hierarchical", "average", "max"])
 def test_permuting_scales_permutes_weights_and_keeps_fused(method):
   rng = np.random.default_rng(0)
   scores = rng.normal(size=(1, 4, 4, 3, 5)).astype(np.float32)
@@ -74,8 +159,10 @@ def test_permuting_scales_permutes_weights_and_keeps_fused(method):
     hidden_k = p["hidden"]["kernel"].reshape(3, 3, 3, d, -1)[:, :, perm].reshape(p["hidden"]["kernel"].shape)
     permuted = {"params": {"hidden": {"kernel": hidden_k, "bias": p["hidden"]["bias"]},
                            "logits": {"kernel": p["logits"]["kernel"][..., perm], "bias": p["logits"]["bias"][perm]}}}
-  fused, weights = apply(variables, scores, feats, train=False)
-  fused_p, weights_p = apply(permuted, scores[:, :, :, perm], feats[:, :, :, perm], train=False)
+  scales = (1.0, 0.75, 0.5)
+  fused, weights = apply(variables, scores, feats, train=False, scales=scales)
+  fused_p, weights_p = apply(permuted, scores[:, :, :, perm], feats[:, :, :, perm], train=False,
+                             scales=tuple(scales[i] for i in perm))
   np.testing.assert_allclose(fused_p, fused, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(weights_p, np.asarray(weights)[..., perm], rtol=1e-5, atol=1e-6)
 
@@ -127,6 +214,10 @@ def test_bad_inputs_are_reported():
     ScaleFusion("mean", 2).init(jax.random.key(0), scores, feats, train=False)
   with pytest.raises(ValueError, match="num_scales = 3"):
     ScaleFusion("average", 3).init(jax.random.key(0), scores, feats, train=False)
+  with pytest.raises(ValueError, match="num_scales is required"):
+    ScaleFusion("attention").init(jax.random.key(0), scores, feats, train=False)
+  with pytest.raises(ValueError, match="one scale per map"):
+    ScaleFusion("hierarchical").init(jax.random.key(0), scores, feats, train=False, scales=(1.0,))
 
 
 def test_fusion_module_needs_only_its_sibling_resize_module():

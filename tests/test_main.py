@@ -9,7 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(*flags):
   return subprocess.run([sys.executable, "-m", "scaleattn.main", "--config=configs/shapes.py:smoke", "--workdir=unused",
-                         "--config.model.remat=all", "--config.train.microbatches=3", *flags], cwd=REPO,
+                         "--config.model.remat=all", "--config.train.microbatches=3", "--config.eval.scales=(1.5, 1.0)",
+                         *flags], cwd=REPO,
                         env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
 
 
@@ -19,5 +20,8 @@ def test_config_error_is_a_message_without_traceback():
   assert "error: Invalid config:" in out.stderr and "Traceback" not in out.stderr
   assert "config.model.remat='all': expected one of ('none', 'per_scale', 'per_block')" in out.stderr
   assert "config.train.microbatches=3: expected a divisor of config.train.batch_size=4, one of (1, 2, 4)" in out.stderr
+  assert ("config.eval.scales=(1.5, 1.0): a model trained on config.model.scales=(1.0, 0.5) with fusion 'attention' "
+          "runs only on those scales; fusions that run on another set: ('shared_attention', 'hierarchical', "
+          "'average', 'max')") in out.stderr
   verbose = _main("--verbosity=1")
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr

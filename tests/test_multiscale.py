@@ -92,6 +92,24 @@ def test_one_set_of_parameters_serves_all_scales():
   assert attention["fusion"]["hidden"]["kernel"] == (3, 3, 2 * 16, 8)  # concat of 2 fc7 maps
 
 
+@pytest.mark.parametrize("fusion", ["shared_attention", "hierarchical"])
+def test_parameters_trained_on_two_scales_run_on_another_set(fusion):
+  """Inference scales in any order and above 1: the grid is scale 1's, each scale's scores are the backbone's on its
+  own resized image (the same as in the training model for the scales both share)."""
+  x = np.random.default_rng(4).normal(size=(1, 33, 41, 3)).astype(np.float32)
+  trained = net(scales=(1.0, 0.5), fusion=fusion)
+  variables = ref.random_variables(trained, x, train=False)
+  other = net(scales=(2.0, 1.0, 0.75, 0.5), fusion=fusion)
+  a = _apply(trained)(variables, x, train=False)
+  b = _apply(other)(variables, x, train=False)
+  assert [g.shape[1:3] for g in b.own_grid] == [(9, 11), (5, 6), (4, 5), (3, 4)]  # 65x81, 33x41, 25x31, 17x21
+  assert b.fused.shape[1:3] == (5, 6) and b.weights.shape == (1, 5, 6, 4) and b.scales == (2.0, 1.0, 0.75, 0.5)
+  np.testing.assert_allclose(b.per_scale[:, :, :, 1], a.per_scale[:, :, :, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(b.per_scale[:, :, :, 3], a.per_scale[:, :, :, 1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(b.weights).sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(b.fused, np.einsum("bhws,bhwsc->bhwc", b.weights, b.per_scale), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fusion, scale_execution", [("attention", "loop"), ("max", "vmap")])
 def test_gradients_reach_every_layer(fusion, scale_execution):
   x = np.random.default_rng(2).normal(size=(1, 33, 33, 3)).astype(np.float32)
@@ -172,8 +190,8 @@ def test_bad_settings_are_reported():
   backbone, fusion = DeepLabLargeFOV(5, **BACKBONE), ScaleFusion("average", 2)
   init = lambda **kw: jax.eval_shape(lambda: MultiScaleNet(backbone, fusion, **kw).init(jax.random.key(0), x,
                                                                                          train=False))
-  with pytest.raises(ValueError, match="first scale to be 1.0"):
-    init(scales=(0.5, 1.0))
+  with pytest.raises(ValueError, match="1.0 among them"):
+    init(scales=(0.5, 0.75))
   with pytest.raises(ValueError, match="scale_execution='pmap'"):
     init(scales=(1.0, 0.5), scale_execution="pmap")
   with pytest.raises(ValueError, match="every scale <= 1"):

@@ -1,4 +1,5 @@
-"""ScaleFusion: merges per-scale score maps into one (Chen et al., "Attention to Scale", CVPR 2016).
+"""ScaleFusion: merges per-scale score maps into one (Chen et al., "Attention to Scale", CVPR 2016, and two
+scale-agnostic successors).
 
 Depends on jax, flax and its sibling `resize.py` only, so the two files can be copied into any Flax model. Scores
 of every scale must already be on one grid; features may be too, or may stay at each scale's own resolution::
@@ -12,12 +13,25 @@ of every scale must already be on one grid; features may be too, or may stay at 
     native = [jnp.zeros((1, 41, 41, 128)), jnp.zeros((1, 21, 21, 128))]  # the same features before resizing
     fused, weights = fusion.apply(variables, scores, native, train=False)
 
-Methods, per pixel i and class c:
-  'attention': h = head(concat_s features_s), a 3x3 conv (`hidden` channels) + ReLU + dropout and a 1x1 conv to
-               S channels; w_i^s = softmax_s(h_i^s); fused_{i,c} = sum_s w_i^s * scores_{i,c}^s.
-  'average':   w_i^s = 1 / S.
-  'max':       fused_{i,c} = max_s scores_{i,c}^s; the weights are the one-hot of the scale holding the maximum
-               of the winning class (what the paper shows for max pooling). No parameters for these two.
+Methods, per pixel i and class c, with head(x) = a 3x3 conv (`hidden` channels) + ReLU + dropout + a 1x1 conv:
+  'attention':        the paper's. h = head(concat_s features_s) with S output channels; w_i^s = softmax_s(h_i^s);
+                      fused_{i,c} = sum_s w_i^s * scores_{i,c}^s. Its parameters fix S and the order of the scales.
+  'shared_attention': one head with one output channel, shared by all scales, scores each scale from its own
+                      features (brought to the grid): h^s = head(features_s); w^s = softmax_s(h^s) over the scales
+                      present. The same parameters serve any set of scales; permuting scales permutes weights.
+  'hierarchical':     Tao, Sapra, Catanzaro 2020 (arXiv 2005.10821). a_s = sigmoid(head(features_s)) on the scale's
+                      own grid, resized to the common grid; from the highest scale down, each lower scale l takes
+                      fused = a_l * p_l + (1 - a_l) * fused (the lowest scale has the last word, the highest scale's
+                      attention is never used). The weights are the products this implies (they sum to 1).
+                      Differences from NVIDIA/semantic-segmentation's `nscale_forward`: every term is combined on
+                      the common (scale-1 output) grid, so up(a_l) * up(p_l) stands for their up(a_l * p_l), and a
+                      scale above 1 is brought to that grid before combining instead of the running fusion being
+                      brought to it; the two agree where a_l is constant over an interpolation cell. The head is
+                      this module's (no batch norm, one 3x3 layer) rather than their two 3x3 conv-BN-ReLU layers.
+  'average':          w_i^s = 1 / S.
+  'max':              fused_{i,c} = max_s scores_{i,c}^s; the weights are the one-hot of the scale holding the
+                      maximum of the winning class (what the paper shows for max pooling).
+'average' and 'max' have no parameters; every method except 'attention' runs on scale sets it was not trained on.
 
 Features given at their own resolutions are resized (bilinear, align corners) inside the head's first layer, after
 its per-tap channel projection: resizing is linear and acts on each channel alike, so resize-then-project equals
@@ -26,7 +40,7 @@ head's cost falls by a third). The result is the same as for features resized fi
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +50,10 @@ from jax import lax
 
 from .resize import resize_bilinear  # relative: the two files travel together
 
-METHODS = ("attention", "average", "max")
+METHODS = ("attention", "shared_attention", "hierarchical", "average", "max")
+# Methods whose parameters do not depend on the number or order of the scales.
+SCALE_AGNOSTIC = ("shared_attention", "hierarchical", "average", "max")
+PARAMETER_FREE = ("average", "max")
 
 
 def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
@@ -79,30 +96,38 @@ class _ConcatConv3x3(nn.Module):
 class ScaleFusion(nn.Module):
   """Fuses scores [B, H, W, S, C] over S scales; returns (fused [B, H, W, C], weights [B, H, W, S]).
 
-  Attention parameters: 'hidden' (3x3 conv, init normal std 0.005) and 'logits' (1x1 conv, std 0.01), zero
-  biases, float32; `dtype` is the compute dtype (the softmax over scales is always float32).
+  Head parameters: 'hidden' (3x3 conv, init normal std 0.005) and 'logits' (1x1 conv, std 0.01; S outputs for
+  'attention', 1 for the shared heads), zero biases, float32; `dtype` is the compute dtype (softmax and sigmoid are
+  always float32). `num_scales` is required by 'attention' and checked against the input when given.
   """
   method: str
-  num_scales: int
+  num_scales: int | None = None
   hidden: int = 512
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, scores: jax.Array, features: jax.Array | Sequence[jax.Array], *, train: bool
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, scores: jax.Array, features: jax.Array | Sequence[jax.Array], *, train: bool,
+               scales: Sequence[float] | None = None) -> tuple[jax.Array, jax.Array]:
     """scores [B, H, W, S, C]; features [B, H, W, S, D] on the same grid, or a sequence of S maps [B, h_s, w_s, D]
-    at the scales' own resolutions (the attention head brings them to the grid; other methods ignore them)."""
+    at the scales' own resolutions (the heads bring them to the grid; 'average' and 'max' ignore them).
+    scales: the scale of each entry on the S axis; 'hierarchical' combines them from the highest down (default:
+    the S axis is ordered from the highest scale to the lowest)."""
     if self.method not in METHODS:
       raise ValueError(f"ScaleFusion.method={self.method!r}: expected one of {METHODS}")
+    if self.method == "attention" and self.num_scales is None:
+      raise ValueError("ScaleFusion('attention'): num_scales is required (the head has one output per scale)")
     maps = list(features) if isinstance(features, (list, tuple)) else [
         features[:, :, :, i] for i in range(features.shape[3])]
     shapes = [m.shape for m in maps]
-    if (scores.ndim != 5 or scores.shape[3] != self.num_scales or len(maps) != self.num_scales
+    s = scores.shape[3] if scores.ndim == 5 else -1
+    if (scores.ndim != 5 or self.num_scales not in (None, s) or len(maps) != s
         or any(len(sh) != 4 or sh[0] != scores.shape[0] or sh[3] != shapes[0][3] for sh in shapes)):
       raise ValueError(f"ScaleFusion: scores {scores.shape} and features {shapes}: expected scores [B, H, W, S, C] "
                        f"and features [B, H, W, S, D] or S maps [B, h_s, w_s, D], S = num_scales = {self.num_scales}")
-    b, h, w, s, _ = scores.shape
+    if scales is not None and len(scales) != s:
+      raise ValueError(f"ScaleFusion: scales={tuple(scales)} for {s} score maps: expected one scale per map")
+    b, h, w, _, _ = scores.shape
     if self.method == "average":
       return scores.mean(axis=3), jnp.full((b, h, w, s), 1.0 / s, scores.dtype)
     if self.method == "max":
@@ -110,9 +135,36 @@ class ScaleFusion(nn.Module):
       winner = jnp.argmax(fused, axis=-1)[..., None, None]  # [B, H, W, 1, 1]
       at_winner = jnp.take_along_axis(scores, winner, axis=-1)[..., 0]  # [B, H, W, S]
       return fused, jax.nn.one_hot(jnp.argmax(at_winner, axis=-1), s, dtype=scores.dtype)
-    x = nn.relu(_ConcatConv3x3(self.hidden, dtype=self.dtype, name="hidden")(maps, (h, w)))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Conv(s, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="logits",
-                     kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)(x)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(scores.dtype)
+
+    hidden = _ConcatConv3x3(self.hidden, dtype=self.dtype, name="hidden")
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    logits = nn.Conv(s if self.method == "attention" else 1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                     name="logits", kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+
+    def head(inputs: Sequence[jax.Array], grid: tuple[int, int]) -> jax.Array:
+      return logits(dropout(nn.relu(hidden(inputs, grid)))).astype(jnp.float32)
+
+    if self.method == "hierarchical":
+      return self._hierarchical(scores, maps, scales, lambda m: head([m], m.shape[1:3]))
+    if self.method == "attention":
+      h_logits = head(maps, (h, w))
+    else:  # shared_attention
+      h_logits = jnp.concatenate([head([m], (h, w)) for m in maps], axis=-1)
+    weights = jax.nn.softmax(h_logits, axis=-1).astype(scores.dtype)
     return jnp.einsum("bhws,bhwsc->bhwc", weights, scores), weights
+
+  @staticmethod
+  def _hierarchical(scores: jax.Array, maps: Sequence[jax.Array], scales: Sequence[float] | None,
+                    attention_logit: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Tao et al.'s pairwise combination from the highest scale down, and the per-scale weights it amounts to."""
+    s = scores.shape[3]
+    order = sorted(range(s), key=lambda i: -scales[i]) if scales is not None else list(range(s))
+    grid = scores.shape[1:3]
+    fused = scores[:, :, :, order[0]]
+    weights = jnp.zeros(scores.shape[:4], jnp.float32).at[..., order[0]].set(1.0)
+    for i in order[1:]:
+      a = resize_bilinear(jax.nn.sigmoid(attention_logit(maps[i])), grid)  # [B, H, W, 1], as Tao et al.
+      fused = a.astype(scores.dtype) * scores[:, :, :, i] + (1 - a).astype(scores.dtype) * fused
+      weights = (1 - a) * weights
+      weights = weights.at[..., i].add(a[..., 0])
+    return fused, weights.astype(scores.dtype)

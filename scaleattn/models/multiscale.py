@@ -2,7 +2,7 @@
 
 `MultiScaleNet` takes the backbone and the fusion as modules (`registry.build_model` makes them from the config):
 any backbone mapping (images [B, H, W, 3], train, valid_size) to (scores, features) at output stride 8, and any
-fusion mapping (scores [B, h, w, S, C], per-scale features, train) to (fused scores, weights [B, h, w, S]).
+fusion mapping (scores [B, h, w, S, C], per-scale features, train, scales) to (fused scores, weights [B, h, w, S]).
 
 Two ways to run the scales, chosen by `scale_execution`, with the same parameters and the same results:
 'loop' runs each scale at its own size through the one backbone; 'vmap' pads every scale onto the scale-1
@@ -39,7 +39,7 @@ class MultiScaleOutput:
 
 
 class MultiScaleNet(nn.Module):
-  """`backbone` shared by all `scales` (the first must be 1.0: it sets the output grid), then `fusion`.
+  """`backbone` shared by all `scales` (1.0 must be among them: it sets the output grid), then `fusion`.
 
   Parameters: {'backbone': ..., 'fusion': ...} (a fusion without parameters adds none). With one scale there is
   nothing to fuse and `fusion` may be None: fused = that scale's scores, weights = 1.
@@ -56,8 +56,9 @@ class MultiScaleNet(nn.Module):
     """images [B, H, W, 3] (mean-subtracted, then multiplied by input_scale) -> MultiScaleOutput; dropout uses the
     'dropout' rng when training."""
     scales = tuple(float(s) for s in self.scales)
-    if not scales or scales[0] != 1.0:
-      raise ValueError(f"MultiScaleNet.scales={scales}: expected the first scale to be 1.0 (it sets the output grid)")
+    if 1.0 not in scales or len(set(scales)) != len(scales):
+      raise ValueError(f"MultiScaleNet.scales={scales}: expected distinct scales, 1.0 among them (it sets the "
+                       "output grid)")
     if self.scale_execution not in SCALE_EXECUTIONS:
       raise ValueError(f"MultiScaleNet.scale_execution={self.scale_execution!r}: expected one of {SCALE_EXECUTIONS}")
     if self.remat not in REMAT_POLICIES:
@@ -87,11 +88,11 @@ class MultiScaleNet(nn.Module):
                     split_rngs={"params": False, "dropout": True})
       all_scores, all_feats = run(self.backbone, canvas, jnp.asarray(sizes, jnp.int32))
       outs = [(all_scores[i, :, :h, :w], all_feats[i, :, :h, :w]) for i, (h, w) in enumerate(out_sizes)]
-    grid = out_sizes[0]
+    grid = out_sizes[scales.index(1.0)]
     per_scale = jnp.stack([resize.resize_bilinear(scores, grid) for scores, _ in outs], axis=3)
     own_grid = tuple(scores for scores, _ in outs)
     if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse
       return MultiScaleOutput(fused=own_grid[0], per_scale=per_scale, weights=jnp.ones(per_scale.shape[:4],
                               per_scale.dtype), own_grid=own_grid, scales=scales)
-    fused, weights = self.fusion(per_scale, [feats for _, feats in outs], train=train)
+    fused, weights = self.fusion(per_scale, [feats for _, feats in outs], train=train, scales=scales)
     return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights, own_grid=own_grid, scales=scales)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -35,10 +35,12 @@ def _settings(sub: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in sub.items() if k != "name"}
 
 
-def build_model(cfg: ml_collections.ConfigDict, conv_impl: str = "xla") -> MultiScaleNet:
+def build_model(cfg: ml_collections.ConfigDict, conv_impl: str = "xla", scales: Sequence[float] | None = None
+                ) -> MultiScaleNet:
   """MultiScaleNet from `config.model`; `conv_impl` is the resolved kernel choice ('xla' or 'cpu',
-  `layers.resolve_conv_impl`): the default suits anything that only needs shapes or parameters."""
-  scales = tuple(float(s) for s in cfg.scales)
+  `layers.resolve_conv_impl`): the default suits anything that only needs shapes or parameters. `scales` replaces
+  config.model.scales (inference on another scale set: the same parameters, for the scale-agnostic fusions)."""
+  scales = tuple(float(s) for s in (cfg.scales if scales is None else scales))
   dtype = DTYPES[cfg.dtype]
   backbone = BACKBONES[cfg.backbone.name](num_classes=cfg.num_classes, dtype=dtype, conv_impl=conv_impl,
                                           **_settings(cfg.backbone))
