@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
       random_scale=(1.0, 1.0),  # (0.5, 1.5) as in DeepLab v2, (0.6, 1.4) as in "Attention+".
       worker_count=0,
       prefetch=2,
+      # A record that does not decode or fails its checks (label size and values): 'raise' (stop, naming split and
+      # record) | 'skip' (training: an ignored padding example instead, counted in the 'skipped_records' scalar;
+      # evaluation: left out).
+      on_bad_record="raise",
   ))
 
   c.model = ml_collections.ConfigDict(dict(
@@ -113,6 +117,13 @@ def get_config() -> ml_collections.ConfigDict:
       scales=(),
       batch_size=8,
       flip=False,
+      # Tiled (sliding-window) inference, scaleattn/tiling.py: 0 runs whole images; otherwise tiles of this many
+      # pixels overlapping by tile_overlap (prediction also tiles images larger than input.eval_size, with
+      # eval_size tiles overlapping by at most half a tile). memory_budget_gb > 0 (GB per device): the whole image
+      # if its compiled step fits, else the largest tile whose compiled step does.
+      tile_size=0,
+      tile_overlap=128,
+      memory_budget_gb=0.0,
       # Validation images shown with ground truth, weight maps and prediction: in TensorBoard at every evaluation,
       # as files in WORKDIR/examples at the end of training. 0 = none.
       num_examples=4,
@@ -134,4 +145,11 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: every device on the data axis.
+  # Multi-process runs (jax.distributed.initialize): JAX's defaults, for real clusters. A process that stops sending
+  # heartbeats (killed, its host lost) stops every other process after about heartbeat_timeout_seconds.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialization_timeout_seconds=300,
+      heartbeat_timeout_seconds=100,
+      shutdown_timeout_seconds=300,
+  ))
   return c

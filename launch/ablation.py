@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
-import platform
-import subprocess
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,6 +26,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from launch import grid_runs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shapes.py:ablation", "Config of every run; cells override "
@@ -85,48 +84,6 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, seed: int) -> ml_co
   return config
 
 
-def _pin(core_queue) -> None:
-  """Pool initializer: pin this worker to a core of its own before JAX starts its thread pools."""
-  if core_queue is not None:
-    os.sched_setaffinity(0, {core_queue.get()})
-
-
-def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) one run, evaluates it on the test split and writes `result.json`; returns it."""
-  from scaleattn import evaluate, train  # noqa: PLC0415 - JAX starts after the worker is pinned.
-  path = os.path.join(workdir, "result.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  attempts_path = os.path.join(workdir, "attempts.json")  # > 1: resumed, and the time covers the last attempt only
-  os.makedirs(workdir, exist_ok=True)
-  attempts = (json.load(open(attempts_path)) if os.path.exists(attempts_path) else 0) + 1
-  with open(attempts_path, "w") as f:
-    json.dump(attempts, f)
-  start = time.perf_counter()
-  validation = train.train_and_evaluate(config, workdir)
-  seconds = time.perf_counter() - start
-  test_config = config.copy_and_resolve_references()
-  test_config.dataset.eval_split = None
-  test = evaluate.evaluate(test_config, workdir)["test"]
-  result = {"train_seconds": seconds, "attempts": attempts, "steps": config.train.num_steps,
-            "validation": {k: v for k, v in validation.items() if np.isscalar(v)}, "test": test}
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(path + ".tmp", path)
-  return result
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def _mean_of_finite(values: list[float]) -> float:
-  """Mean over seeds of a per-bin statistic; NaN (no pixels in the bin) where no seed has one."""
-  finite = [v for v in values if np.isfinite(v)]
-  return float(np.mean(finite)) if finite else float("nan")
-
-
 def aggregate(cells: list[Cell], runs: dict[tuple[str, int], dict], class_names: tuple[str, ...]) -> dict:
   """Per cell: mean and standard deviation over seeds of test mIoU and per-class IoU, the mean of every per-size
   statistic, and training time."""
@@ -136,14 +93,14 @@ def aggregate(cells: list[Cell], runs: dict[tuple[str, int], dict], class_names:
     if not results:
       continue
     tests = [r["test"] for r in results]
-    miou_mean, miou_std = _mean_std([t["miou"] for t in tests])
+    miou_mean, miou_std = grid_runs.mean_std([t["miou"] for t in tests])
     out[cell.name] = {
         "scales": list(cell.scales), "fusion": cell.fusion, "extra_supervision": cell.extra_supervision,
         "seeds": len(results), "test_miou_mean": miou_mean, "test_miou_std": miou_std,
         "test_miou_per_seed": [t["miou"] for t in tests],
         "test_iou_mean": {c: float(np.mean([t[f"iou/{c}"] for t in tests])) for c in class_names},
         "test_pixel_accuracy_mean": float(np.mean([t["pixel_accuracy"] for t in tests])),
-        "by_size": {k: _mean_of_finite([t[k] for t in tests]) for k in tests[0]
+        "by_size": {k: grid_runs.mean_of_finite([t[k] for t in tests]) for k in tests[0]
                     if k.startswith(("attention/", "accuracy/", "pixels/"))},
         "train_seconds_mean": float(np.mean([r["train_seconds"] for r in results])),
         "steps": results[0]["steps"],
@@ -248,16 +205,6 @@ def plot_examples(config: ml_collections.ConfigDict, workdir: str, num: int, pat
   fig.savefig(path, dpi=80)
 
 
-def machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-  except OSError:
-    pass
-  return f"{model}, {os.cpu_count()} CPU cores, {platform.system()}"
-
-
 def main(argv):
   del argv
   base = FLAGS.config
@@ -267,23 +214,15 @@ def main(argv):
   start = time.perf_counter()
   from scaleattn import datasets, input_pipeline  # noqa: PLC0415
   input_pipeline.prepare(base.dataset)  # once, before the workers start
-  cores = None
-  if FLAGS.workers > 1:
-    cores = multiprocessing.get_context("spawn").Queue()
-    for core in sorted(os.sched_getaffinity(0))[:FLAGS.workers]:
-      cores.put(core)
-  with multiprocessing.get_context("spawn").Pool(FLAGS.workers, initializer=_pin, initargs=(cores,)) as pool:
-    pending = {(cell.name, seed): pool.apply_async(
-        run_cell, (cell_config(base, cell, seed), os.path.join(FLAGS.workdir, cell.name, f"seed_{seed}")))
-               for cell, seed in jobs}
-    runs = {}
-    for key, result in pending.items():
-      runs[key] = result.get()
-      logging.info("%s seed %d: test mIoU %.4f", key[0], key[1], runs[key]["test"]["miou"])
+  results = grid_runs.run_pool(
+      [(grid_runs.run_cell, (cell_config(base, cell, seed), os.path.join(FLAGS.workdir, cell.name, f"seed_{seed}")))
+       for cell, seed in jobs], FLAGS.workers)
+  runs = {(cell.name, seed): result for (cell, seed), result in zip(jobs, results, strict=True)}
+  for (name, seed), result in runs.items():
+    logging.info("%s seed %d: test mIoU %.4f", name, seed, result["test"]["miou"])
   class_names = datasets.class_names(base.dataset.name)
   summary = aggregate(cells, runs, class_names)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-  info = {"machine": machine(), "commit": commit, "workers": FLAGS.workers, "seeds": len(seeds),
+  info = {"machine": grid_runs.machine(), "commit": grid_runs.commit(), "workers": FLAGS.workers, "seeds": len(seeds),
           "steps": base.train.num_steps, "wall_minutes": (time.perf_counter() - start) / 60,
           "train_minutes_total": sum(r["train_seconds"] for r in runs.values()) / 60}
   os.makedirs(FLAGS.results, exist_ok=True)

@@ -12,6 +12,7 @@ from scaleattn.models.fusion import PARAMETER_FREE, SCALE_AGNOSTIC
 
 OUTPUT_STRIDE = 8
 ON_NONFINITE = ("raise", "skip")
+ON_BAD_RECORD = ("raise", "skip")
 _CHOICES = {
     "model.backbone.name": tuple(registry.BACKBONES),
     "model.fusion.name": tuple(registry.FUSIONS),
@@ -23,6 +24,7 @@ _CHOICES = {
     "optim.name": optimizers.OPTIMIZERS,
     "optim.schedule": optimizers.SCHEDULES,
     "train.on_nonfinite": ON_NONFINITE,
+    "input.on_bad_record": ON_BAD_RECORD,
 }
 
 
@@ -94,9 +96,21 @@ def validate(config: ml_collections.ConfigDict, *, num_data_devices: int, proces
   lo, hi = config.input.random_scale
   if not 0 < lo <= hi:
     problems.append(f"config.input.random_scale={(lo, hi)}: expected 0 < min <= max")
-  if config.model.num_classes < 2:
+  if config.model.num_classes is None:  # configs/folder.py reads it from the folder
+    problems.append("config.model.num_classes=None: expected at least 2; a folder dataset counts its classes in "
+                    "config.dataset.manual_dir, which is not set")
+  elif config.model.num_classes < 2:
     problems.append(f"config.model.num_classes={config.model.num_classes}: expected at least 2")
 
+  tile, overlap = config.eval.tile_size, config.eval.tile_overlap
+  if tile and tile < OUTPUT_STRIDE:
+    problems.append(f"config.eval.tile_size={tile}: expected 0 (whole images) or at least the output stride "
+                    f"{OUTPUT_STRIDE}")
+  if overlap < 0 or (tile and overlap >= tile):
+    problems.append(f"config.eval.tile_overlap={overlap}: expected 0 <= overlap < config.eval.tile_size={tile}")
+  if config.eval.memory_budget_gb < 0:
+    problems.append(f"config.eval.memory_budget_gb={config.eval.memory_budget_gb}: expected 0 (no budget) or a "
+                    "positive number of GB per device")
   for field in ("train.batch_size", "eval.batch_size"):
     if _get(config, field) < 1:
       problems.append(f"config.{field}={_get(config, field)}: expected a positive integer")

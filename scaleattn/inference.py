@@ -2,6 +2,7 @@
 flip, the scores brought to the input's resolution, and the optional CRF on them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,14 +12,20 @@ from scaleattn import crf
 from scaleattn.models import MultiScaleOutput, resize
 from scaleattn.state import Experiment
 
+Forward = Callable[[Any, jax.Array], MultiScaleOutput]
 
-def predict_scores(params: Any, images: jax.Array, *, exp: Experiment, flip: bool) -> MultiScaleOutput:
-  """Eval-mode outputs on the scale-1 output grid over config.eval.scales; with `flip`, fused and per-scale scores
-  and weights average the image and its mirror (mirrored back)."""
-  out = exp.eval_model.apply({"params": params}, images, train=False)
+
+def predict_scores(params: Any, images: jax.Array, *, exp: Experiment, flip: bool, forward: Forward | None = None
+                   ) -> MultiScaleOutput:
+  """Eval-mode outputs on the scale-1 output grid over config.eval.scales, from the whole images or from
+  `forward(params, images)` (tiled inference); with `flip`, fused and per-scale scores and weights average the
+  image and its mirror (mirrored back)."""
+  if forward is None:
+    forward = lambda p, x: exp.eval_model.apply({"params": p}, x, train=False)
+  out = forward(params, images)
   if not flip:
     return out
-  mirrored = exp.eval_model.apply({"params": params}, images[:, :, ::-1], train=False)
+  mirrored = forward(params, images[:, :, ::-1])
   return out.replace(fused=(out.fused + mirrored.fused[:, :, ::-1]) / 2,
                      per_scale=(out.per_scale + mirrored.per_scale[:, :, ::-1]) / 2,
                      weights=(out.weights + mirrored.weights[:, :, ::-1]) / 2)

@@ -14,9 +14,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from clu import metrics as clu_metrics
 
-from scaleattn import inference, losses, metrics, sharding
+from scaleattn import inference, losses, metrics, sharding, tiling
+from scaleattn.compiled_memory import memory_analysis
+from scaleattn.models import MultiScaleOutput
 from scaleattn.preprocessing import IGNORE_LABEL
 from scaleattn.state import Experiment, TrainState
 
@@ -117,11 +120,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, exp: Experiment) -> dict[str, jax.Array]:
-  """Mergeable statistics of one batch: the confusion matrix and, where the data has per-pixel object sizes, per
-  size bin the fusion weights and the correct pixels of the fused and of every scale's own prediction."""
+  """`eval_statistics` of the whole images' outputs."""
+  return eval_statistics(inference.predict_scores(params, batch["image"], exp=exp, flip=exp.config.eval.flip),
+                         batch, exp=exp)
+
+
+def eval_statistics(out: MultiScaleOutput, batch: Mapping[str, jax.Array], *, exp: Experiment
+                    ) -> dict[str, jax.Array]:
+  """Mergeable statistics of one batch's outputs: the confusion matrix and, where the data has per-pixel object
+  sizes, per size bin the fusion weights and the correct pixels of the fused and of every scale's own prediction."""
   cfg = exp.config
   images, label = batch["image"], batch["label"]
-  out = inference.predict_scores(params, images, exp=exp, flip=cfg.eval.flip)
   pred = inference.predict_labels(out.fused, images, batch["mask"], exp=exp)
   stats = {"confusion": metrics.confusion_matrix(pred, label, exp.num_classes, mask=batch["mask"])}
   if "instance_size" in batch:
@@ -146,7 +155,29 @@ def jit_train_step(exp: Experiment) -> Callable:
 
 
 def jit_eval_step(exp: Experiment) -> Callable:
-  """`eval_step` jitted once: parameters replicated, batch split over the mesh."""
-  repl = sharding.replicated(exp.mesh)
-  return jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, sharding.data_sharding(exp.mesh)),
-                 out_shardings=repl)
+  """`eval_step` jitted once (parameters replicated, batch split over the mesh); or, when config.eval tiles (its
+  `tile_size`, or a `memory_budget_gb` the whole images exceed), tiled inference then the jitted statistics."""
+  repl, data = sharding.replicated(exp.mesh), sharding.data_sharding(exp.mesh)
+  whole = jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, data), out_shardings=repl)
+  cfg = exp.config
+  size, batch = cfg.input.eval_size, cfg.eval.batch_size
+
+  def whole_bytes() -> int:
+    image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    abstract = {"image": image, "label": jax.ShapeDtypeStruct(image.shape[:3], jnp.int32),
+                "mask": jax.ShapeDtypeStruct(image.shape[:3], jnp.bool_)}
+    return memory_analysis(whole.lower(exp.abstract_state.params, abstract).compile())["total_bytes"]
+
+  choice = tiling.choose(exp.eval_model, exp.abstract_state.params, cfg.eval, batch=-(-batch // exp.mesh.size),
+                         longest=size, whole_bytes=whole_bytes)
+  if not choice.tile:
+    return whole
+  logging.info("Evaluation tiled: %d-pixel tiles, overlap %d (measured bytes: %s)", choice.tile, choice.overlap,
+               choice.measured)
+  forward = tiling.TiledForward(exp.eval_model, choice.tile, choice.overlap)
+  statistics = jax.jit(functools.partial(eval_statistics, exp=exp), out_shardings=repl)
+
+  def tiled_step(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    out = inference.predict_scores(params, batch["image"], exp=exp, flip=cfg.eval.flip, forward=forward)
+    return statistics(out, batch)
+  return tiled_step

@@ -1,5 +1,6 @@
 """Pictures of predictions: VOC-palette label maps, per-scale weight heat maps and a panel like the paper's figure
-(image | weight map per scale | prediction), drawn on the host with NumPy, Pillow and matplotlib.
+(image | ground truth | weight map per scale on a 0..1 colour bar | prediction), drawn on the host with NumPy,
+Pillow and matplotlib.
 
 Figures are built as `matplotlib.figure.Figure` objects, never through pyplot: they render with Agg whatever
 backend the process uses, hold no global state, and a notebook still shows a returned figure."""
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image
@@ -82,40 +84,65 @@ def _check_panel_inputs(image: np.ndarray, weights: np.ndarray, prediction: np.n
 
 
 def attention_panel(image: np.ndarray, weights: np.ndarray, prediction: np.ndarray, scales: Sequence[float],
-                    class_names: Sequence[str] | None = None, path: str | None = None) -> Figure:
-  """One row: image | weight map per scale ('scale 1', 'scale 0.75', ...) | prediction; saved to `path` if given.
+                    label: np.ndarray | None = None, class_names: Sequence[str] | None = None,
+                    path: str | None = None) -> Figure:
+  """One row: image | ground truth (given `label`) | weight map per scale ('scale 1', 'scale 0.75', ...) |
+  prediction; saved to `path` if given.
 
-  Weights may be on the score-map grid: they are upsampled to the image size. With `class_names`, a legend names
-  the classes in the prediction.
+  Every weight map uses the same absolute colour scale, 0..1, drawn as a colour bar beside them: a map is never
+  stretched to its own range, so colours compare across scales and images. Weights may be on the score-map grid:
+  they are upsampled to the image size. With `class_names`, a legend names the classes shown.
   """
   image, weights, prediction = np.asarray(image), np.asarray(weights), np.asarray(prediction)
   _check_panel_inputs(image, weights, prediction, scales)
   weights = resize_weights(weights, image.shape[:2])
   columns = [("image", image, {})]
+  labels = [prediction]
+  if label is not None:
+    label = _check_label(label, "attention_panel ground truth")
+    if label.shape != prediction.shape:
+      raise ValueError(f"ground truth shape {label.shape} != prediction shape {prediction.shape}")
+    columns.append(("ground truth", colorize(label), {}))
+    labels.append(label)
+  first_heat = len(columns)
   columns += [(f"scale {s:g}", weights[..., i], dict(cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0))
               for i, s in enumerate(scales)]
   columns.append(("prediction", colorize(prediction), {}))
-  fig = Figure(figsize=(2.6 * len(columns), 2.6 * image.shape[0] / image.shape[1] + 0.9), layout="constrained")
-  for ax, (title, picture, style) in zip(fig.subplots(1, len(columns), squeeze=False)[0], columns, strict=True):
+  fig = Figure(figsize=(2.6 * len(columns) + 0.8, 2.6 * image.shape[0] / image.shape[1] + 0.9), dpi=100,
+               layout="constrained")
+  axes = fig.subplots(1, len(columns), squeeze=False)[0]
+  for ax, (title, picture, style) in zip(axes, columns, strict=True):
     ax.imshow(picture, interpolation="nearest", **style)
     ax.set_title(title)
     ax.set_axis_off()
+  heat_axes = list(axes[first_heat:first_heat + len(scales)])
+  fig.colorbar(heat_axes[0].images[0], ax=heat_axes, label="fusion weight", ticks=np.linspace(0.0, 1.0, 5))
   if class_names is not None:
     palette = voc_palette() / 255.0
-    present = [c for c in np.unique(prediction) if c < len(class_names)]
-    fig.legend(handles=[Patch(color=palette[c], label=class_names[c]) for c in present],
+    names = {**dict(enumerate(class_names)), 255: "void"}
+    present = [c for c in np.unique(np.concatenate([np.ravel(x) for x in labels])) if c in names]
+    fig.legend(handles=[Patch(color=palette[c], label=names[c]) for c in present],
                loc="outside lower center", ncol=max(1, min(len(present), 6)), fontsize="small", frameon=False)
   if path is not None:
-    fig.savefig(path, dpi=100)
+    Image.fromarray(figure_pixels(fig)).save(path)
   return fig
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of a figure rendered with Agg at its own dpi: what a panel's PNG holds and TensorBoard
+  shows."""
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.array(canvas.buffer_rgba())[..., :3]
 
 
 def save_prediction(out_dir: str, name: str, image: np.ndarray, prediction: np.ndarray,
                     weights: np.ndarray | None = None, scales: Sequence[float] | None = None,
-                    class_names: Sequence[str] | None = None) -> list[str]:
+                    class_names: Sequence[str] | None = None, label: np.ndarray | None = None) -> list[str]:
   """Writes `{name}_seg.png` (palette PNG of the class indices), `{name}_seg_color.png` and, given fusion weights
-  [h, w, S] (any grid; upsampled to the image), `{name}_weights_s{scale:g}.png` per scale and `{name}_panel.png`.
-  Returns the paths written."""
+  [h, w, S] (any grid; upsampled to the image), `{name}_weights_s{scale:g}.png` per scale (the bare map, pixel for
+  pixel on the image, jet over 0..1) and `{name}_panel.png` (with the ground truth `label` if given, a 0..1 colour
+  bar and the scales named). Returns the paths written."""
   image, prediction = np.asarray(image), np.asarray(prediction)
   if weights is not None:
     if scales is None:
@@ -136,5 +163,5 @@ def save_prediction(out_dir: str, name: str, image: np.ndarray, prediction: np.n
       paths.append(f"{stem}_weights_s{s:g}.png")
       Image.fromarray(heatmap(weights[..., i])).save(paths[-1])
     paths.append(f"{stem}_panel.png")
-    attention_panel(image, weights, prediction, scales, class_names=class_names, path=paths[-1])
+    attention_panel(image, weights, prediction, scales, label=label, class_names=class_names, path=paths[-1])
   return paths

@@ -40,13 +40,26 @@ def _compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", None)
 
 
-def logged_scalars(workdir, tag: str) -> dict[int, float]:
-  """step -> value of a scalar in the run's TensorBoard event files."""
+def _logged(workdir, tag: str):
+  """(step, tensor as NumPy) of every summary named `tag` in the run's TensorBoard event files."""
   import tensorflow as tf  # noqa: PLC0415 - reads what clu's writer wrote
-  values = {}
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
       for v in event.summary.value:
         if v.tag == tag:
-          values[event.step] = float(tf.make_ndarray(v.tensor))
-  return values
+          yield event.step, tf.make_ndarray(v.tensor)
+
+
+def logged_scalars(workdir, tag: str) -> dict[int, float]:
+  """step -> value of a scalar in the run's TensorBoard event files."""
+  return {step: float(value) for step, value in _logged(workdir, tag)}
+
+
+def logged_images(workdir, tag: str) -> dict[int, list]:
+  """step -> the images (uint8 [H, W, C] arrays) of an image summary in the run's TensorBoard event files."""
+  import io  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+  # An image summary's tensor holds the width, the height, then one encoded PNG per image.
+  return {step: [np.asarray(Image.open(io.BytesIO(png))) for png in value[2:]] for step, value in _logged(workdir, tag)}

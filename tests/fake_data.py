@@ -1,4 +1,5 @@
-"""Tiny VOC 2012, SBD and PASCAL-Person-Part trees in their exact on-disk layouts, and a config for the pipeline.
+"""Tiny VOC 2012, SBD and PASCAL-Person-Part trees in their exact on-disk layouts, an image_folder tree, and a
+config for the pipeline.
 
 Layouts: VOCdevkit/VOC2012/{JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs, 255 borders),
 ImageSets/Segmentation/{train,val}.txt}; benchmark_RELEASE/dataset/{cls/*.mat (MATLAB struct GTcls with field
@@ -7,6 +8,7 @@ Segmentation), train.txt, val.txt}; pascal_person_part_gt/*.png and pascal_perso
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
@@ -98,6 +100,47 @@ def make_person_part(root, train_ids, val_ids, size=(10, 12)) -> dict[str, np.nd
     save_palette_png(os.path.join(gt, f"{image_id}.png"), truth[image_id])
   for name, ids in (("train", train_ids), ("val", val_ids)):
     _write_list(os.path.join(lists, f"{name}.txt"), [f"/JPEGImages/{i}.jpg /SegmentationPart/{i}.png" for i in ids])
+  return truth
+
+
+FOLDER_CLASSES = ("background", "cat", "dog")
+FOLDER_COLOURS = ((0, 0, 0), (200, 30, 30), (30, 200, 30))  # not VOC's, so a test sees which table was used
+
+
+def make_image_folder(root, n=12, *, mode="L", size=(10, 14), classes=FOLDER_CLASSES, colours=None,
+                      ignore_colour=None, palette=PALETTE, ignore=None) -> dict[str, np.ndarray]:
+  """An image_folder tree: images/ (even stems JPEG, odd PNG), masks/ in `mode` ('L' or 'I;16' with void drawn as
+  `ignore` (default 255), 'P' with `palette`, or 'RGB' through `colours`, void in `ignore_colour`), classes.txt, or
+  classes.json when colours or an ignore value are given. Returns {stem: the label the builder must store}."""
+  for d in ("images", "masks"):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  rng = np.random.default_rng(2)
+  truth = {}
+  for k in range(n):
+    stem = f"img_{k:02d}"
+    pixels = rng.integers(0, 255, (*size, 3), np.uint8)
+    Image.fromarray(pixels).save(os.path.join(root, "images", f"{stem}.{'png' if k % 2 else 'jpg'}"))
+    truth[stem] = label_for(k, *size, len(classes))
+    mask_path = os.path.join(root, "masks", f"{stem}.png")
+    if mode == "RGB":
+      lut = np.zeros((256, 3), np.uint8)
+      lut[:len(colours)] = colours
+      lut[255] = ignore_colour
+      Image.fromarray(lut[truth[stem]]).save(mask_path)
+    elif mode == "P":
+      im = Image.fromarray(truth[stem], mode="P")
+      im.putpalette(np.asarray(palette, np.uint8).ravel().tolist())
+      im.save(mask_path)
+    else:
+      values = np.where(truth[stem] == 255, 255 if ignore is None else ignore, truth[stem].astype(np.int64))
+      Image.fromarray(values.astype(np.uint16 if mode == "I;16" else np.uint8)).save(mask_path)
+  if colours is None and ignore is None:
+    _write_list(os.path.join(root, "classes.txt"), classes)
+  else:
+    with open(os.path.join(root, "classes.json"), "w") as f:
+      json.dump({"names": list(classes), **({"colours": [list(c) for c in colours]} if colours else {}),
+                 **({"ignore_colour": list(ignore_colour)} if ignore_colour is not None else {}),
+                 **({"ignore": ignore} if ignore is not None else {})}, f)
   return truth
 
 

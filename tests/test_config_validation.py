@@ -49,6 +49,9 @@ def test_shipped_configs_are_valid_on_any_data_axis(get_config, devices):
     ("train.num_steps", 0, "config.train.num_steps=0: expected a positive integer"),
     ("optim.name", "lamb", "config.optim.name='lamb'"),
     ("train.on_nonfinite", "ignore", "config.train.on_nonfinite='ignore'"),
+    ("eval.tile_size", 5, "config.eval.tile_size=5: expected 0 (whole images) or at least the output stride 8"),
+    ("eval.tile_overlap", -8, "config.eval.tile_overlap=-8: expected 0 <= overlap < config.eval.tile_size=0"),
+    ("eval.memory_budget_gb", -1.0, "config.eval.memory_budget_gb=-1.0: expected 0 (no budget) or a positive"),
 ])
 def test_bad_values(field, value, message):
   config = base.get_config()
@@ -82,6 +85,14 @@ def test_single_scale_model_fuses_other_scales_only_without_parameters():
     else:
       with pytest.raises(cv.ConfigError, match=r"fusions that run on another set: \('average', 'max'\)"):
         _validate(config)
+
+
+def test_tile_overlap_must_be_smaller_than_the_tile():
+  config = base.get_config()
+  config.eval.tile_size, config.eval.tile_overlap = 257, 257
+  with pytest.raises(cv.ConfigError, match=r"config.eval.tile_overlap=257: expected 0 <= overlap < "
+                                           r"config.eval.tile_size=257"):
+    _validate(config)
 
 
 def test_devices_must_split_evenly_over_processes():

@@ -50,6 +50,19 @@ def test_pooling_fusions_have_no_attention_head(fusion):
   assert {tuple(layer): n for layer, n in flops.conv_layers(cfg, 65, 65).items()} == expected
 
 
+@pytest.mark.parametrize("fusion, head", [
+    ("shared_attention", {(9, 9, 16, 8, 3, 1): 2, (9, 9, 8, 1, 1, 1): 2}),  # one head per scale on the grid
+    ("hierarchical", {(5, 5, 16, 8, 3, 1): 1, (5, 5, 8, 1, 1, 1): 1}),  # on scale 0.5's own grid only
+])
+def test_shared_heads_are_counted_where_they_run(fusion, head):
+  cfg = shapes.get_config("smoke").model
+  cfg.fusion.name = fusion
+  expected = {layer: n for layer, n in SMOKE_LAYERS.items() if layer not in {(9, 9, 32, 8, 3, 1), (9, 9, 8, 2, 1, 1)}}
+  for layer, n in head.items():
+    expected[layer] = expected.get(layer, 0) + n
+  assert {tuple(layer): n for layer, n in flops.conv_layers(cfg, 65, 65).items()} == expected
+
+
 def test_paper_model_counts_vgg16_largefov_at_every_scale_and_the_attention_head():
   """Scales (1, 0.75, 0.5) on 321: the network at 321, 241 and 161, and the 3x3 head over 3 x 1024 fc7 channels
   to 512 on the 41x41 grid, then 1x1 to 3."""

@@ -153,3 +153,36 @@ def test_conv_layers_reads_the_backbone_off_the_model_and_times_every_pass(tmp_p
   for p in passes:
     expected = sum(row["count"] * row.get(f"jax_{p}_ms", 0.0) for row in record["layers"]) / 1e3
     assert totals[p] == pytest.approx(expected, abs=1e-4)
+
+
+def test_scale_sets_summary_pairs_seeds_and_marks_sets_a_method_cannot_run():
+  """launch/scale_sets.py's table from hand-made results: mIoU mean and std over seeds, the change from the training
+  set paired by seed, '-' where the paper's attention cannot run, GFLOPs growing with the scales."""
+  code = """
+import json
+from configs import shapes
+from launch import scale_sets
+sets = {"1-0.5": (1.0, 0.5), "1.5-1-0.5": (1.5, 1.0, 0.5)}
+size = {"pixels/size_0-16": 10.0, "attention/size_0-16/scale_1": 0.5, "accuracy/size_0-16/fused": 0.3}
+runs = {("attention", 0): {"1-0.5": {"miou": 0.60, **size}}, ("attention", 1): {"1-0.5": {"miou": 0.62, **size}},
+        ("hierarchical", 0): {"1-0.5": {"miou": 0.60, **size}, "1.5-1-0.5": {"miou": 0.63, **size}},
+        ("hierarchical", 1): {"1-0.5": {"miou": 0.64, **size}, "1.5-1-0.5": {"miou": 0.65, **size}}}
+configs = {m: scale_sets.run_config(shapes.get_config("smoke"), m, (1.0, 0.5), 0) for m in ("attention", "hierarchical")}
+summary = scale_sets.aggregate(runs, configs, sets, "1-0.5")
+info = dict(train_scales="1-0.5", train_key="1-0.5", eval_sets=list(sets), steps=6, seeds=2, machine="m", commit="c",
+            wall_minutes=1.0, workers=1)
+print(json.dumps({"summary": summary, "table": scale_sets.markdown(summary, info),
+                  "evaluable": [scale_sets.evaluable("attention", "1-0.5", "1.5-1-0.5"),
+                                scale_sets.evaluable("hierarchical", "1-0.5", "1.5-1-0.5")]}))
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                       check=True, capture_output=True, text=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  h = result["summary"]["hierarchical"]["1.5-1-0.5"]
+  assert abs(h["test_miou_mean"] - 0.64) < 1e-9 and abs(h["test_miou_std"] - 0.0141421356) < 1e-6
+  assert abs(h["change_from_training_set_mean"] - 0.02) < 1e-9  # (0.03 + 0.01) / 2
+  assert abs(h["change_from_training_set_std"] - 0.0141421356) < 1e-6
+  assert "1.5-1-0.5" not in result["summary"]["attention"] and result["evaluable"] == [False, True]
+  assert h["gflops_per_image"] > result["summary"]["hierarchical"]["1-0.5"]["gflops_per_image"] > 0
+  assert "| attention | 61.0 ± 1.4 | - |" in result["table"]
+  assert "| hierarchical | 62.0 ± 2.8 | 64.0 ± 1.4 (+2.0 ± 1.4) |" in result["table"]

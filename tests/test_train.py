@@ -1,6 +1,5 @@
 """End to end on the smoke config with 4 CPU devices: training writes checkpoints, metrics and event files;
 sharding does not change the step; a restarted run ends where an uninterrupted one does."""
-import glob
 import json
 import os
 import signal
@@ -8,7 +7,8 @@ import signal
 import jax
 import numpy as np
 import pytest
-from conftest import NUM_TEST_DEVICES, logged_scalars
+from conftest import NUM_TEST_DEVICES, logged_images, logged_scalars
+from PIL import Image
 
 from configs import shapes
 from scaleattn import checkpointing, input_pipeline, sharding, steps, train
@@ -62,7 +62,10 @@ def test_a_short_run_learns_and_writes_everything(data_dir, tmp_path):
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps[-1] == config.train.num_steps
   assert json.load(open(tmp_path / "config.json"))["model"]["fusion"]["name"] == "attention"
-  assert glob.glob(str(tmp_path / "examples" / "example_000_panel.png"))
+  panels = logged_images(tmp_path, "validation/example_000")  # config.eval.num_examples=1: one per evaluation
+  assert sorted(panels) == [300] and len(panels[300]) == 1
+  with Image.open(tmp_path / "examples" / "example_000_panel.png") as saved:  # the same model, image and drawing
+    np.testing.assert_array_equal(panels[300][0], np.asarray(saved.convert("RGB")))
 
 
 def test_restart_resumes_exactly(data_dir, tmp_path):
@@ -142,6 +145,24 @@ def test_fusion_override_changes_parameter_tree(data_dir):
   assert jax.tree.structure(trees["max"]) == jax.tree.structure(trees["average"])
 
 
+def test_trained_on_two_scales_evaluated_on_an_unseen_set(data_dir, tmp_path):
+  """A hierarchical-attention run trained on (1, 0.5) evaluates on (1.5, 1, 0.75, 0.5) from its checkpoint: one
+  weight statistic per inference scale, and the weights of every size bin sum to one."""
+  from scaleattn import evaluate
+  config = smoke_config(data_dir, **{"model.fusion.name": "hierarchical", "train.num_steps": 4,
+                                     "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
+                                     "eval.num_examples": 0})
+  train.train_and_evaluate(config, str(tmp_path))
+  config.eval.scales = (1.5, 1.0, 0.75, 0.5)
+  result = evaluate.evaluate(config, str(tmp_path))["validation"]
+  names = ("scale_1.5", "scale_1", "scale_0.75", "scale_0.5")
+  for size in ("size_0-16", "size_16-32", "size_32-64", "size_64+"):
+    if result[f"pixels/{size}"]:
+      total = sum(result[f"attention/{size}/{name}"] for name in names)
+      assert abs(total - 1.0) < 1e-4, (size, total)
+  assert 0.0 <= result["miou"] <= 1.0
+
+
 @pytest.mark.parametrize("fusion", ["attention", "max", "average"])
 def test_predict_writes_files(data_dir, tmp_path, fusion):
   from PIL import Image
@@ -163,6 +184,25 @@ def test_predict_writes_files(data_dir, tmp_path, fusion):
     assert f"{stem}_weights_s1.png" in names and f"{stem}_weights_s0.5.png" in names
   seg = np.asarray(Image.open(tmp_path / "out" / "a_seg.png"))
   assert seg.shape == (50, 70) and seg.max() < config.model.num_classes
+  assert np.asarray(Image.open(tmp_path / "out" / "b_seg.png")).shape == (120, 90)  # tiled, never shrunk
+
+
+def test_tiled_evaluation_equals_whole_image_evaluation(data_dir):
+  """The validation split evaluated whole and tiled (overlap covering the receptive field): the same statistics."""
+  from scaleattn import input_pipeline, tiling
+  config = smoke_config(data_dir, **{"input.eval_size": 161})  # several 129-pixel tiles per side at scale 1
+  exp = build_experiment(config)
+  params = exp.init_state(jax.random.key(5)).params
+  data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
+  batch = sharding.global_batch(exp.mesh, next(iter(data.eval_batches("validation"))))
+  whole = jax.device_get(steps.jit_eval_step(exp)(params, batch))
+  config.eval.tile_size = 129
+  config.eval.tile_overlap = tiling.exact_overlap(config.model.backbone)
+  assert len(tiling.plan_axis(161, 129, config.eval.tile_overlap).starts) > 1
+  tiled = jax.device_get(steps.jit_eval_step(build_experiment(config))(params, batch))
+  assert set(tiled) == set(whole)
+  np.testing.assert_array_equal(tiled["confusion"], whole["confusion"])
+  np.testing.assert_allclose(tiled["weight_sum"], whole["weight_sum"], rtol=1e-4)
 
 
 def test_eval_step_size_statistics_against_numpy(data_dir):

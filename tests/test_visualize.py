@@ -70,11 +70,66 @@ def _example(h=12, w=17, scales=(1.0, 0.75, 0.5)):
 def test_attention_panel_layout():
   image, prediction, weights, scales = _example()
   fig = visualize.attention_panel(image, weights, prediction, scales, class_names=("bg", "a", "b", "c"))
-  assert [ax.get_title() for ax in fig.axes] == ["image", "scale 1", "scale 0.75", "scale 0.5", "prediction"]
+  titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+  assert titles == ["image", "scale 1", "scale 0.75", "scale 0.5", "prediction"]  # no ground truth given
   shown = fig.axes[2].get_images()[0].get_array()
   assert shown.shape == image.shape[:2] and shown.min() >= 0 and shown.max() <= 1
   with pytest.raises(ValueError, match="3 scales"):
     visualize.attention_panel(image, weights[..., :2], prediction, scales)
+  with pytest.raises(ValueError, match="ground truth shape"):
+    visualize.attention_panel(image, weights, prediction, scales, label=prediction[:5])
+
+
+# matplotlib's jet: piecewise linear through these (x, value) points per channel (its segment data).
+_JET = {"r": ([0, 0.35, 0.66, 0.89, 1], [0, 0, 1, 1, 0.5]),
+        "g": ([0, 0.125, 0.375, 0.64, 0.91, 1], [0, 0, 1, 1, 0, 0]),
+        "b": ([0, 0.11, 0.34, 0.65, 1], [0.5, 1, 1, 0, 0])}
+
+
+def _jet(v):
+  """jet as a colour map of 256 entries shows v: entry floor(256 v), sampled at entry / 255."""
+  x = min(int(v * 256), 255) / 255
+  return np.array([255 * np.interp(x, *_JET[c]) for c in "rgb"])
+
+
+def _pixel(pixels, ax, fx, fy):
+  """The rendered pixel at fractions (fx from the left, fy from the top) of an axes' box."""
+  box = ax.get_window_extent()  # display pixels, origin at the bottom left
+  x = int(box.x0 + fx * box.width)
+  y = int(box.y1 - fy * box.height)
+  return pixels[pixels.shape[0] - 1 - y, x].astype(int)
+
+
+def test_panel_pixels_ground_truth_absolute_heat_maps_and_colour_bar(tmp_path):
+  """Rendered pixels against hand-made fixtures: ground-truth blocks in the VOC palette, constant weight maps
+  coloured by their absolute value (not stretched to their own range), and the colour bar running from jet(0) at
+  the bottom to jet(1) at the top."""
+  blocks = np.array([[0, 1, 2, 3], [4, 15, 20, 255], [1, 0, 3, 2]])
+  label = np.kron(blocks, np.ones((4, 4), np.int64))  # 12 x 16, each block 4 x 4 pixels
+  prediction = np.zeros_like(label)
+  image = np.full((12, 16, 3), 90, np.uint8)
+  weights = np.stack([np.full((3, 4), 0.25), np.full((3, 4), 0.75)], -1)  # constant per scale
+  path = str(tmp_path / "panel.png")
+  visualize.attention_panel(image, weights, prediction, (1.0, 0.5), label=label, path=path)
+  fig = visualize.attention_panel(image, weights, prediction, (1.0, 0.5), label=label)
+  pixels = visualize.figure_pixels(fig)  # the axes' boxes below are those of this drawing
+  with Image.open(path) as saved:  # the file holds the same rendering
+    np.testing.assert_array_equal(np.asarray(saved.convert("RGB")), pixels)
+  axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+  assert list(axes) == ["image", "ground truth", "scale 1", "scale 0.5", "prediction"]
+  palette = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 15: (192, 128, 128),
+             20: (0, 64, 128), 255: (224, 224, 192)}
+  for (r, c), value in np.ndenumerate(blocks):
+    got = _pixel(pixels, axes["ground truth"], (c + 0.5) / 4, (r + 0.5) / 3)
+    np.testing.assert_array_equal(got, palette[value], err_msg=f"block {r, c} = class {value}")
+  for title, value in (("scale 1", 0.25), ("scale 0.5", 0.75)):
+    for fx, fy in ((0.5, 0.5), (0.1, 0.9)):
+      np.testing.assert_allclose(_pixel(pixels, axes[title], fx, fy), _jet(value), atol=1, err_msg=title)
+  bar = next(ax for ax in fig.axes if ax.get_ylabel() == "fusion weight")
+  assert bar.get_ylim() == (0.0, 1.0)
+  assert [t.get_text() for t in bar.get_yticklabels()] == ["0.00", "0.25", "0.50", "0.75", "1.00"]
+  for value in (0.02, 0.5, 0.98):  # off the outline at the ends; one pixel of the bar spans ~0.005
+    np.testing.assert_allclose(_pixel(pixels, bar, 0.5, 1 - value), _jet(value), atol=6, err_msg=value)
 
 
 def test_save_prediction_writes_exactly_the_expected_files(tmp_path):
@@ -100,3 +155,36 @@ def test_save_prediction_without_weights(tmp_path):
     visualize.save_prediction(str(tmp_path), "dog", image, prediction, weights=np.ones((2, 2, 3)))
   with pytest.raises(ValueError, match="prediction shape"):
     visualize.save_prediction(str(tmp_path), "dog", image, prediction[:3])
+
+
+def test_eval_examples_are_cropped_rows_of_the_batch_and_become_panels():
+  """The first rows of an evaluation batch as shown: all-padding rows skipped, each cropped to its mask with the
+  mean added back and its own labels, the fusion weights summing to 1; one TensorBoard panel per example."""
+  import jax  # noqa: PLC0415
+
+  from configs import shapes  # noqa: PLC0415
+  from scaleattn import predict  # noqa: PLC0415
+  from scaleattn.state import build_experiment  # noqa: PLC0415
+  config = shapes.get_config("smoke")
+  exp = build_experiment(config)
+  params = exp.init_state(jax.random.key(0)).params
+  size, mean = config.input.eval_size, np.asarray(config.input.mean_rgb, np.float32)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(0, 60, (4, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, 5, (4, size, size)).astype(np.int32), "mask": np.zeros((4, size, size), bool)}
+  batch["mask"][0, :50, :70] = True
+  batch["mask"][2:] = True  # row 1 is padding
+  batch["label"][0, :3] = 255
+  examples = predict.eval_examples(exp, params, batch, 3)
+  assert [ex.index for ex in examples] == [0, 2]
+  first = examples[0]
+  np.testing.assert_array_equal(first.image, np.clip(batch["image"][0, :50, :70] + mean, 0, 255).astype(np.uint8))
+  np.testing.assert_array_equal(first.label, batch["label"][0, :50, :70])
+  assert first.prediction.shape == (50, 70) and first.prediction.max() < 5
+  assert first.weights.shape == (50, 70, 2)
+  np.testing.assert_allclose(first.weights.sum(-1), 1.0, atol=1e-5)
+  assert examples[1].image.shape == (size, size, 3)
+  panels = predict.eval_panels(exp, params, batch, 3, "validation")
+  assert sorted(panels) == ["validation/example_000", "validation/example_002"]
+  for panel in panels.values():
+    assert panel.dtype == np.uint8 and panel.ndim == 4 and panel.shape[0] == 1 and panel.shape[-1] == 3

@@ -20,6 +20,16 @@ from scaleattn.models.resize import pool_size
 BLOCK_OUTPUT = "block_output"  # the name `per_block` rematerialisation saves (checkpoint_name)
 
 
+def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilation: int) -> int:
+  """Input pixels, each side of an output cell's centre, that its value depends on: every 3x3 layer (convolution or
+  pool) adds its dilation times the stride accumulated before it (209 for VGG-16 LargeFOV)."""
+  radius, stride = 0, 1
+  for block, depth in enumerate(block_depths, start=1):
+    radius += depth * stride * (conv5_dilation if block == 5 else 1) + stride  # the convs, then the 3x3 pool
+    stride *= 2 if block <= 3 else 1
+  return radius + fc6_dilation * stride
+
+
 class DeepLabLargeFOV(nn.Module):
   """VGG-16 DeepLab-LargeFOV; widths and depths configurable for small models. Parameters are float32;
   `dtype` is the compute dtype, `conv_impl` the kernels ('xla' or 'cpu', see `layers`). fc8 starts from

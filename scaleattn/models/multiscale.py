@@ -65,11 +65,10 @@ class MultiScaleNet(nn.Module):
       raise ValueError(f"MultiScaleNet.remat={self.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
     if len(scales) > 1 and self.fusion is None:
       raise ValueError(f"MultiScaleNet.scales={scales}: several scales need a fusion module")
-    images = images * self.input_scale if self.input_scale != 1.0 else images
+    inputs = self.scale_inputs(images)
     height, width = images.shape[1:3]
-    sizes = [(resize.scaled_size(height, s), resize.scaled_size(width, s)) for s in scales]
+    sizes = [x.shape[1:3] for x in inputs]
     out_sizes = [(resize.output_size(h), resize.output_size(w)) for h, w in sizes]
-    inputs = [resize.resize_bilinear(images, size) for size in sizes]
 
     def run_backbone(module: nn.Module, x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
       return module(x, train=train, valid_size=valid)
@@ -88,7 +87,20 @@ class MultiScaleNet(nn.Module):
                     split_rngs={"params": False, "dropout": True})
       all_scores, all_feats = run(self.backbone, canvas, jnp.asarray(sizes, jnp.int32))
       outs = [(all_scores[i, :, :h, :w], all_feats[i, :, :h, :w]) for i, (h, w) in enumerate(out_sizes)]
-    grid = out_sizes[scales.index(1.0)]
+    return self.fuse(outs, train=train)
+
+  def scale_inputs(self, images: jax.Array) -> list[jax.Array]:
+    """The backbone's input at every scale: images times input_scale, resized (align corners) by each scale."""
+    images = images * self.input_scale if self.input_scale != 1.0 else images
+    height, width = images.shape[1:3]
+    return [resize.resize_bilinear(images, (resize.scaled_size(height, s), resize.scaled_size(width, s)))
+            for s in self.scales]
+
+  def fuse(self, outs: Sequence[tuple[jax.Array, jax.Array]], *, train: bool) -> MultiScaleOutput:
+    """Every scale's (scores, features) on its own output grid -> the output on scale 1's grid (tiled inference
+    stitches `outs` tile by tile and calls this)."""
+    scales = tuple(float(s) for s in self.scales)
+    grid = outs[scales.index(1.0)][0].shape[1:3]
     per_scale = jnp.stack([resize.resize_bilinear(scores, grid) for scores, _ in outs], axis=3)
     own_grid = tuple(scores for scores, _ in outs)
     if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse

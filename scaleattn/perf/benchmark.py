@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from scaleattn import input_pipeline, sharding, steps
+from scaleattn.compiled_memory import memory_analysis
 from scaleattn.perf import flops, host_memory
 from scaleattn.perf.environment import environment
 from scaleattn.preprocessing import IGNORE_LABEL
@@ -233,19 +234,6 @@ def profile(runner: Runner, trace_dir: str, steps: int) -> dict[str, float]:
   finally:
     jax.profiler.stop_trace()
   return time_by_op_kind(trace_dir, runner.compiled.as_text(), steps)
-
-
-def memory_analysis(compiled) -> dict:
-  """XLA's buffer assignment of a compiled step, in bytes: what it needs on one device, whatever the device."""
-  m = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-            "generated_code_size_in_bytes")
-  out = {f: int(getattr(m, f)) for f in fields}
-  if getattr(m, "peak_memory_in_bytes", 0):  # the compiler's own peak, where it reports one (TPU)
-    out["peak_memory_in_bytes"] = int(m.peak_memory_in_bytes)
-  out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] + out["temp_size_in_bytes"]
-                        - out["alias_size_in_bytes"])
-  return out
 
 
 def main(argv):

@@ -1,0 +1,136 @@
+"""Tiled inference against whole-image inference, on the smoke model (its receptive-field radius is 54 pixels)."""
+import jax
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+from configs import shapes, voc
+from scaleattn import config_validation, inference, tiling
+from scaleattn.models import build_model, resize
+from scaleattn.models.largefov import receptive_radius
+from scaleattn.state import build_experiment
+
+
+def _model(fusion="attention", scales=(1.0, 0.75, 0.5)):
+  cfg = shapes.get_config("smoke").model
+  cfg.fusion.name, cfg.scales = fusion, scales
+  return build_model(cfg), cfg
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 64, 65, 66, 100, 1023, 2047])
+@pytest.mark.parametrize("tile, overlap", [(65, 0), (65, 32), (129, 112), (257, 64)])
+def test_plan_covers_every_cell_once_with_aligned_tiles(length, tile, overlap):
+  plan = tiling.plan_axis(length, tile, overlap)
+  weights = tiling.blend_weights(plan)
+  np.testing.assert_array_equal(weights.sum(0), np.ones(resize.output_size(length)))  # weights sum to one
+  for start, valid, (lo, hi) in zip(plan.starts, plan.valid, plan.owned, strict=True):
+    assert start % 8 == 0 and 0 < valid <= tile and valid == min(tile, length - start)
+    assert start // 8 <= lo < hi <= start // 8 + resize.output_size(valid)  # a tile provides only cells it computes
+  assert plan.starts[-1] + tile >= length and (len(plan.starts) == 1 or plan.starts[-2] + tile < length)
+  step = max(8, (tile - overlap) // 8 * 8)
+  steps = np.diff(plan.starts)
+  assert (steps[:-1] == step).all() and (steps[-1:] <= step).all()  # the last tile steps less, to end at the edge
+
+
+def test_receptive_radius_of_vgg16_largefov():
+  """Written out layer by layer: conv1 (2 x 1 px) + pool 1; conv2 (2 x 2) + pool 2; conv3 (3 x 4) + pool 4; conv4
+  (3 x 8) + pool 8; conv5 (3 x 2 x 8, dilated) + pool 8; fc6 (12 x 8)."""
+  cfg = voc.get_config().model.backbone
+  assert receptive_radius(cfg.block_depths, cfg.conv5_dilation, cfg.fc6_dilation) == (
+      2 + 1 + 4 + 2 + 12 + 4 + 24 + 8 + 48 + 8 + 96)
+  assert tiling.exact_overlap(cfg) == 424
+
+
+def _compare(model, images, tile, overlap, seed=0):
+  variables = ref.random_variables(model, images[:, :33, :33], train=False, seed=seed)
+  whole = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  tiled = tiling.TiledForward(model, tile, overlap)(variables["params"], images)
+  return whole, tiled
+
+
+@pytest.mark.parametrize("fusion", ["attention", "hierarchical", "average", "max"])
+def test_tiled_equals_whole_when_the_overlap_covers_the_receptive_field(fusion):
+  model, cfg = _model(fusion)
+  images = np.random.default_rng(0).normal(0, 1, (2, 150, 203, 3)).astype(np.float32)
+  overlap = tiling.exact_overlap(cfg.backbone)
+  assert overlap == 112
+  whole, tiled = _compare(model, images, 129, overlap)
+  assert len(tiling.plan_axis(203, 129, overlap).starts) > 2  # several tiles per row
+  for a, b in ((whole.fused, tiled.fused), (whole.weights, tiled.weights), (whole.per_scale, tiled.per_scale)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  if fusion in ("attention", "hierarchical"):
+    assert np.asarray(whole.weights).std() > 0.01
+
+
+def test_with_a_short_overlap_only_cells_near_tile_edges_differ():
+  """Stated bound: a cell of the one-scale model whose receptive field (54 px each side) lies inside the tile that
+  owns it, or reaches past the image's own edge only, is exact; the others may differ."""
+  model, cfg = _model(scales=(1.0,))
+  images = np.random.default_rng(1).normal(0, 1, (1, 97, 201, 3)).astype(np.float32)
+  whole, tiled = _compare(model, images, 65, 16)
+  radius = receptive_radius(cfg.backbone.block_depths, cfg.backbone.conv5_dilation, cfg.backbone.fc6_dilation)
+
+  def exact_cells(length):
+    plan = tiling.plan_axis(length, 65, 16)
+    ok = np.zeros(resize.output_size(length), bool)
+    for start, (lo, hi) in zip(plan.starts, plan.owned, strict=True):
+      for c in range(lo, hi):
+        ok[c] = (8 * c - radius >= start or start == 0) and (8 * c + radius < start + 65 or start + 65 >= length)
+    return ok
+
+  exact = exact_cells(97)[:, None] & exact_cells(201)[None, :]
+  diff = np.abs(np.asarray(tiled.fused) - np.asarray(whole.fused)).max(-1)[0]
+  assert exact.any() and (~exact).any()
+  np.testing.assert_allclose(diff[exact], 0.0, atol=1e-5)
+  assert diff[~exact].max() > 1e-3  # the bound is not vacuous: tile edges do change those cells
+
+
+@pytest.mark.parametrize("height, width", [(1, 300), (300, 1), (20, 30), (1023, 2047)])
+def test_odd_sizes_strips_and_images_smaller_than_a_tile(height, width):
+  model, cfg = _model("average", scales=(1.0, 0.5))
+  images = np.random.default_rng(2).normal(0, 1, (1, height, width, 3)).astype(np.float32)
+  whole, tiled = _compare(model, images, 257, tiling.exact_overlap(cfg.backbone))
+  assert tiled.fused.shape == whole.fused.shape == (1, resize.output_size(height), resize.output_size(width), 5)
+  np.testing.assert_allclose(tiled.fused, whole.fused, rtol=1e-4, atol=1e-5)
+
+
+def test_flip_averages_the_tiled_mirror_like_the_whole_one():
+  config = shapes.get_config("smoke")
+  exp = build_experiment(config)
+  images = np.random.default_rng(3).normal(0, 40, (1, 90, 250, 3)).astype(np.float32)
+  params = ref.random_variables(exp.eval_model, images, train=False)["params"]
+  forward = tiling.TiledForward(exp.eval_model, 129, tiling.exact_overlap(config.model.backbone))
+  whole = inference.predict_scores(params, images, exp=exp, flip=True)
+  tiled = inference.predict_scores(params, images, exp=exp, flip=True, forward=forward)
+  plain = inference.predict_scores(params, images, exp=exp, flip=False)
+  np.testing.assert_allclose(tiled.fused, whole.fused, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(whole.fused) - np.asarray(plain.fused)).max() > 1e-3  # the flip does something
+
+
+def test_memory_budget_picks_the_largest_fitting_tile_by_bisection():
+  """With a stand-in measure (bytes = tile^2), the choice is the largest candidate under the budget."""
+  measure = lambda model, params, batch, tile: tile * tile
+  best, measured = tiling.largest_fitting_tile(None, None, 1, 300 ** 2, 2048, measure=measure)
+  assert best == 257 and all(t in tiling.TILE_SIZES for t in measured)
+  assert len(measured) <= 5  # bisection, not a scan of all 15 candidates
+  assert tiling.largest_fitting_tile(None, None, 1, 10, 2048, measure=measure)[0] is None
+
+
+def test_memory_budget_with_compiled_steps():
+  """Real compiled tile steps of the smoke model: XLA's bytes grow with the tile; a budget between two candidates'
+  needs picks the smaller; a tile_size over the budget is a ConfigError naming what fits."""
+  model, _ = _model()
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 33, 33, 3), np.float32),
+                                             train=False))["params"]
+  small, middle, large = (tiling.tile_step_bytes(model, params, 1, t) for t in (129, 193, 257))
+  assert large > middle > small > 0 and 3 < large / small < 5  # activations grow with the tile's area
+  cfg = shapes.get_config("smoke").eval
+  cfg.memory_budget_gb = (small + middle) / 2 / 2 ** 30
+  choice = tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: 10 * large)
+  assert choice.tile == 129 and choice.measured["whole"] == 10 * large
+  assert tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: small).tile == 0  # fits whole
+  cfg.tile_size = 257
+  with pytest.raises(config_validation.ConfigError, match=r"config.eval.tile_size=257: its step needs .* GB on a "
+                                                          r"device, more than config.eval.memory_budget_gb=.*; tiles "
+                                                          r"up to 129 fit"):
+    tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: 0)
