@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -187,7 +188,8 @@ def main(argv):
   for (method, seed), by_set in runs.items():
     logging.info("%s seed %d: %s", method, seed, {k: round(v["miou"], 4) for k, v in by_set.items()})
   summary = aggregate(runs, configs, eval_sets, train_key)
-  info = {"machine": grid_runs.machine(), "commit": grid_runs.commit(), "workers": FLAGS.workers,
+  info = {"command": " ".join(["PYTHONPATH=. python launch/scale_sets.py", *sys.argv[1:]]),
+          "machine": grid_runs.machine(), "commit": grid_runs.commit(), "workers": FLAGS.workers,
           "seeds": FLAGS.seeds, "steps": base.train.num_steps, "train_scales": train_key, "train_key": train_key,
           "eval_sets": list(eval_sets), "wall_minutes": (time.perf_counter() - start) / 60}
   os.makedirs(FLAGS.results, exist_ok=True)

@@ -2,13 +2,15 @@
 flip, the scores brought to the input's resolution, and the optional CRF on them."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from scaleattn import crf
+from scaleattn import crf, sharding
 from scaleattn.models import MultiScaleOutput, resize
 from scaleattn.state import Experiment
 
@@ -46,4 +48,10 @@ def predict_labels(fused: jax.Array, images: jax.Array, valid: jax.Array, *, exp
     return jnp.argmax(scores, axis=-1)
   rgb = images + jnp.asarray(exp.config.input.mean_rgb, images.dtype)
   settings = {k: v for k, v in cfg.items() if k != "enabled"}
-  return jnp.argmax(crf.dense_crf(scores, rgb, valid, **settings), axis=-1)
+  run = functools.partial(crf.dense_crf, **settings)
+  if exp.mesh.size > 1 and images.shape[0] % exp.mesh.size == 0:
+    # The CRF runs its examples one after another (lax.map); over a batch split across the mesh, each device runs
+    # its own rows (left to the partitioner, the loop would gather the whole batch on every device).
+    rows = PartitionSpec(sharding.DATA_AXIS)
+    run = jax.shard_map(run, mesh=exp.mesh, in_specs=(rows, rows, rows), out_specs=rows)
+  return jnp.argmax(run(scores, rgb, valid), axis=-1)

@@ -9,6 +9,12 @@ Any global batch runs on any number of devices: a training batch is laid out as 
 microbatch holding B / microbatches real examples and, up to a multiple of the data-parallel devices, padding
 examples whose every label is IGNORE_LABEL. Every loss is a mean over valid pixels, so padding changes nothing but
 the compute spent. Each process reads and decodes only its own rows of every microbatch.
+
+Every record is checked as it is decoded (the image decodes; the label matches its size and holds 0..C-1 or 255).
+A bad one stops the run with a BadRecordError naming the split, the record and the problem
+(config.input.on_bad_record='raise'), or, with 'skip', is replaced by an ignored padding example: the batch keeps its
+shape, the step's loss and update are those of the other examples, and a restart skips the same record, since
+records are addressed by stream position. Training counts what it skipped (`Datasets.skipped_records`).
 """
 from __future__ import annotations
 
@@ -23,12 +29,18 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import flags, logging
 
 from scaleattn import config_validation, datasets, preprocessing  # importing datasets registers the builders
+from scaleattn.datasets import label_io
 
 _ENDLESS = 2**40  # positions of the training stream; a MapDataset needs a length
 _AUGMENT_STREAM = 1  # keeps augmentation draws apart from epoch permutations, which use (seed, epoch)
+_SKIPPED = "skipped_record"  # per training example: 1 if it replaces a bad record; counted and removed per batch
+
+
+class BadRecordError(datasets.DataError):
+  """A record of a prepared dataset that does not decode or fails its checks."""
 
 
 def _builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -93,6 +105,7 @@ class Datasets:
   process_index: int
   process_count: int
   data_devices: int = 1
+  skipped_records: int = dataclasses.field(default=0, init=False)  # bad training records replaced so far
   _sources: dict[str, Any] = dataclasses.field(default_factory=dict, init=False)
 
   def __post_init__(self):
@@ -100,7 +113,7 @@ class Datasets:
 
   @property
   def class_names(self) -> tuple[str, ...]:
-    return datasets.class_names(self.config.dataset.name)
+    return datasets.class_names(self.config.dataset)
 
   @property
   def train_layout(self) -> BatchLayout:
@@ -120,6 +133,26 @@ class Datasets:
                          f"{sorted(self.builder.info.splits)}")
       self._sources[split] = self.builder.as_data_source(split=split)
     return self._sources[split]
+
+  def read(self, split: str, index: int, context: str) -> dict[str, Any] | None:
+    """Record `index` of `split`, decoded and checked; None for a bad record under on_bad_record='skip', else a
+    BadRecordError naming the split, the record, `context` (where it was needed) and the problem."""
+    src = self.source(split)
+    try:
+      example = src[index]
+      label_io.check_pair(np.asarray(example["image"]), np.asarray(example["label"]),
+                          self.config.dataset.num_classes, "image", "label")
+      return example
+    except datasets.DataError as e:
+      problem = str(e)
+    except Exception as e:  # noqa: BLE001 - anything that fails to decode is this record's problem
+      problem = f"does not decode ({type(e).__name__}: {e})"
+    where = f"{self.builder.info.full_name} split {split!r}, record {index} ({context})"
+    if self.config.input.on_bad_record == "skip":
+      logging.warning("Skipping bad record: %s: %s.", where, problem)
+      return None
+    raise BadRecordError(f"Bad record in {where}: {problem}. Prepare the dataset again, or set "
+                         "config.input.on_bad_record='skip' to replace such records by ignored padding.")
 
   def _batches(self, positions: grain.MapDataset, load: Callable[[int], dict[str, np.ndarray]],
                local_batch: int) -> grain.IterDataset:
@@ -158,17 +191,26 @@ class Datasets:
 
     def load(q: int) -> dict[str, np.ndarray]:
       pos = position(q)
-      if pos < 0:
-        return preprocessing.padding_example(crop, with_mask=False, with_instance_size=False)
-      epoch, offset = divmod(pos, n)
-      example = src[int(_permutation(cfg.seed, epoch, n)[offset])]
-      return preprocessing.train_example(
+      example = None
+      if pos >= 0:
+        epoch, offset = divmod(pos, n)
+        example = self.read(cfg.dataset.train_split, int(_permutation(cfg.seed, epoch, n)[offset]),
+                            f"training step {q // per_step}")
+      if example is None:
+        padding = preprocessing.padding_example(crop, with_mask=False, with_instance_size=False)
+        return {**padding, _SKIPPED: np.int32(pos >= 0)}
+      return {**preprocessing.train_example(
           np.asarray(example["image"]), np.asarray(example["label"]),
           np.random.default_rng([cfg.seed, _AUGMENT_STREAM, pos]), crop_size=crop,
-          mean_rgb=cfg.input.mean_rgb, mirror=cfg.input.random_mirror, scale_range=cfg.input.random_scale)
+          mean_rgb=cfg.input.mean_rgb, mirror=cfg.input.random_mirror, scale_range=cfg.input.random_scale),
+              _SKIPPED: np.int32(0)}
+
+    def shape(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+      """[microbatches, rows] layout; runs in the consuming thread, in step order, so the count is exact."""
+      self.skipped_records += int(batch.pop(_SKIPPED).sum())
+      return {k: v.reshape(layout.microbatches, local, *v.shape[1:]) for k, v in batch.items()}
 
     rows = grain.MapDataset.range(start_step * per_step, _ENDLESS)
-    shape = lambda batch: {k: v.reshape(layout.microbatches, local, *v.shape[1:]) for k, v in batch.items()}
     return iter(self._batches(rows, load, per_step).map(shape))
 
   def num_eval_examples(self, split: str) -> int:
@@ -186,9 +228,9 @@ class Datasets:
     with_sizes = "instance_size" in self.builder.info.features
 
     def load(position: int) -> dict[str, np.ndarray]:
-      if position >= n:
+      example = self.read(split, position, "evaluation") if position < n else None
+      if example is None:  # the last batch's filling, or a skipped bad record: masked out
         return preprocessing.padding_example(cfg.input.eval_size, with_mask=True, with_instance_size=with_sizes)
-      example = src[position]
       return preprocessing.eval_example(
           np.asarray(example["image"]), np.asarray(example["label"]), eval_size=cfg.input.eval_size,
           mean_rgb=cfg.input.mean_rgb, instance_size=example.get("instance_size"))

@@ -64,9 +64,11 @@ def run(mode: str) -> object:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-  """Errors whose message says all a person needs: a bad config, bad data, a missing file, a diverged run."""
-  from scaleattn import config_validation, datasets, train  # noqa: PLC0415
-  return config_validation.ConfigError, datasets.DataError, FileNotFoundError, train.NonFiniteError
+  """Errors whose message says all a person needs: a bad config, bad data, a missing file, a diverged run, a full
+  disk."""
+  from scaleattn import checkpointing, config_validation, datasets, train  # noqa: PLC0415
+  return (config_validation.ConfigError, datasets.DataError, FileNotFoundError, train.NonFiniteError,
+          checkpointing.CheckpointWriteError)
 
 
 def main(argv):
@@ -75,7 +77,8 @@ def main(argv):
   host_memory.retain_on_cpu(FLAGS.retain_host_memory)
   import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.config.distributed if FLAGS.config else None)
   if FLAGS.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)
   start = time.perf_counter()

@@ -41,10 +41,10 @@ def full_resolution(params: Any, images: jax.Array, valid: jax.Array, *, exp: Ex
                     ) -> tuple[jax.Array, jax.Array]:
   """Prediction and fusion weights at the images' resolution; `valid` marks the real pixels of padded images."""
   out = inference.predict_scores(params, images, exp=exp, flip=exp.config.eval.flip)
-  return _at_input_size(out.fused, out.weights, images, valid, exp=exp)
+  return at_input_size(out.fused, out.weights, images, valid, exp=exp)
 
 
-def _at_input_size(fused: jax.Array, weights: jax.Array, images: jax.Array, valid: jax.Array, *, exp: Experiment
+def at_input_size(fused: jax.Array, weights: jax.Array, images: jax.Array, valid: jax.Array, *, exp: Experiment
                    ) -> tuple[jax.Array, jax.Array]:
   return inference.predict_labels(fused, images, valid, exp=exp), inference.to_input_size(weights, images)
 
@@ -63,9 +63,9 @@ class Predictor:
     self.choice = tiling.choose(exp.eval_model, params, cfg.eval, batch=1, longest=self.size, whole_bytes=whole_bytes)
     # Without tiles asked for, images larger than eval_size run in eval_size tiles (the overlap at most half one).
     tile = self.choice.tile or self.size
-    overlap = self.choice.overlap if self.choice.tile else min(self.choice.overlap, tile // 2 // 8 * 8)
+    overlap = self.choice.overlap if self.choice.tile else min(self.choice.overlap, tile // 2)
     self.tiled = tiling.TiledForward(exp.eval_model, tile, overlap)
-    self._finish = jax.jit(functools.partial(_at_input_size, exp=exp))
+    self._finish = jax.jit(functools.partial(at_input_size, exp=exp))
 
   def __call__(self, images: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """images [B, H, W, 3] (mean-subtracted), valid [B, H, W] -> (labels [B, H, W], weights [B, H, W, S])."""
@@ -75,8 +75,8 @@ class Predictor:
       pred, weights = full_resolution(self.params, np.pad(images, pad + ((0, 0),)), np.pad(valid, pad), exp=self.exp)
       return jax.device_get((pred[:, :h, :w], weights[:, :h, :w]))
     if not self.choice.tile:
-      logging.info("Image %dx%d is larger than config.input.eval_size=%d: tiled with %d-pixel tiles, overlap %d.",
-                   h, w, self.size, self.tiled.tile, self.tiled.overlap)
+      logging.info("Image %dx%d is larger than config.input.eval_size=%d: tiled, %s.", h, w, self.size,
+                   tiling.describe(self.exp.config.model, self.tiled.tile, self.tiled.overlap))
     out = inference.predict_scores(self.params, images, exp=self.exp, flip=self.exp.config.eval.flip,
                                    forward=self.tiled)
     return jax.device_get(self._finish(out.fused, out.weights, images, valid))

@@ -17,7 +17,7 @@ import optax
 from absl import logging
 from clu import metrics as clu_metrics
 
-from scaleattn import inference, losses, metrics, sharding, tiling
+from scaleattn import inference, input_pipeline, losses, metrics, sharding, tiling
 from scaleattn.compiled_memory import memory_analysis
 from scaleattn.models import MultiScaleOutput
 from scaleattn.preprocessing import IGNORE_LABEL
@@ -156,23 +156,25 @@ def jit_train_step(exp: Experiment) -> Callable:
 
 def jit_eval_step(exp: Experiment) -> Callable:
   """`eval_step` jitted once (parameters replicated, batch split over the mesh); or, when config.eval tiles (its
-  `tile_size`, or a `memory_budget_gb` the whole images exceed), tiled inference then the jitted statistics."""
+  `tile_size`, or a `memory_budget_gb` the whole images exceed), a plain function running tiled inference then the
+  jitted statistics (it has no `.lower`: lower the tile step, `tiling.TiledForward.program_bytes`)."""
   repl, data = sharding.replicated(exp.mesh), sharding.data_sharding(exp.mesh)
   whole = jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, data), out_shardings=repl)
   cfg = exp.config
-  size, batch = cfg.input.eval_size, cfg.eval.batch_size
+  size = cfg.input.eval_size
+  rows = input_pipeline.batch_layout(cfg.eval.batch_size, 1, exp.mesh.size, jax.process_count()).rows
 
   def whole_bytes() -> int:
-    image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    image = jax.ShapeDtypeStruct((rows, size, size, 3), jnp.float32)
     abstract = {"image": image, "label": jax.ShapeDtypeStruct(image.shape[:3], jnp.int32),
                 "mask": jax.ShapeDtypeStruct(image.shape[:3], jnp.bool_)}
     return memory_analysis(whole.lower(exp.abstract_state.params, abstract).compile())["total_bytes"]
 
-  choice = tiling.choose(exp.eval_model, exp.abstract_state.params, cfg.eval, batch=-(-batch // exp.mesh.size),
+  choice = tiling.choose(exp.eval_model, exp.abstract_state.params, cfg.eval, batch=rows // exp.mesh.size,
                          longest=size, whole_bytes=whole_bytes)
   if not choice.tile:
     return whole
-  logging.info("Evaluation tiled: %d-pixel tiles, overlap %d (measured bytes: %s)", choice.tile, choice.overlap,
+  logging.info("Evaluation tiled: %s (measured bytes: %s)", tiling.describe(cfg.model, choice.tile, choice.overlap),
                choice.measured)
   forward = tiling.TiledForward(exp.eval_model, choice.tile, choice.overlap)
   statistics = jax.jit(functools.partial(eval_statistics, exp=exp), out_shardings=repl)

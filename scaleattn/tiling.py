@@ -26,12 +26,13 @@ import ml_collections
 import numpy as np
 from jax import lax
 
+from scaleattn import config_validation
 from scaleattn.compiled_memory import memory_analysis
 from scaleattn.config_validation import ConfigError
 from scaleattn.models import MultiScaleNet, MultiScaleOutput, resize
 from scaleattn.models.largefov import receptive_radius
 
-OUTPUT_STRIDE = 8
+OUTPUT_STRIDE = config_validation.OUTPUT_STRIDE
 # Tile sizes the memory budget chooses from: 8k + 1 pixels, so a tile's output grid has no partial cell.
 TILE_SIZES = (65, 129, 193, 257, 321, 385, 449, 513, 641, 769, 897, 1025, 1281, 1537, 2049)
 
@@ -85,6 +86,16 @@ def exact_overlap(backbone: ml_collections.ConfigDict) -> int:
   rounded up to the output stride."""
   radius = receptive_radius(backbone.block_depths, backbone.conv5_dilation, backbone.fc6_dilation)
   return -(-2 * radius // OUTPUT_STRIDE) * OUTPUT_STRIDE
+
+
+def describe(model_cfg: ml_collections.ConfigDict, tile: int, overlap: int) -> str:
+  """The tiling in words, saying whether it is exact (for the LargeFOV backbone, whose receptive field is known)."""
+  text = f"{tile}-pixel tiles overlapping by {overlap}"
+  if model_cfg.backbone.name != "largefov":
+    return text
+  exact = exact_overlap(model_cfg.backbone)
+  return text + (f" (exact: at least the exact overlap {exact})" if overlap >= exact else
+                 f" (below the exact overlap {exact}: cells near inner tile edges differ from whole-image inference)")
 
 
 def _backbone(model: MultiScaleNet, tiles: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -148,14 +159,24 @@ class TiledForward:
                    for y0, vy in zip(rows.starts, rows.valid, strict=True)])
     return self._fuse(params, outs, plans=plans)
 
+  def program_bytes(self, params: Any, batch: int, height: int, width: int) -> dict[str, int]:
+    """XLA's buffer assignment of the two programs for `batch` images of height x width, compiled from shapes (not
+    run): the tile step (the same for any image size) and the stitching and fusion, whose arguments are every
+    tile's outputs (what the tiled pass holds between the two)."""
+    plans = tuple(self.plans(height, width))
+    variables = {"params": params}
+    tiles = jax.ShapeDtypeStruct((batch, self.tile, self.tile, 3), jnp.float32)
+    valid = jax.ShapeDtypeStruct((2,), jnp.int32)
+    step = self.tile_step.lower(variables, tiles, valid).compile()
+    out = jax.eval_shape(self.tile_step, variables, tiles, valid)
+    outs = [[[out] * len(cols.starts) for _ in rows.starts] for rows, cols in plans]
+    fuse = self._fuse.lower(params, outs, plans=plans).compile()
+    return {"tile_step": memory_analysis(step)["total_bytes"], "stitch_and_fuse": memory_analysis(fuse)["total_bytes"]}
 
-def tile_step_bytes(model: MultiScaleNet, params: Any, batch: int, tile: int) -> int:
-  """XLA's buffer assignment of the tile step for `batch` tiles of tile x tile pixels (compiled, not run)."""
-  tiles = jax.ShapeDtypeStruct((batch, tile, tile, 3), jnp.float32)
-  valid = jax.ShapeDtypeStruct((2,), jnp.int32)
-  step = jax.jit(functools.partial(model.apply, method=_backbone))
-  compiled = step.lower({"params": params}, tiles, valid).compile()
-  return memory_analysis(compiled)["total_bytes"]
+
+def tiled_bytes(model: MultiScaleNet, params: Any, batch: int, tile: int, overlap: int, size: int) -> int:
+  """The larger of the tiled pass's two programs on size x size images (`TiledForward.program_bytes`)."""
+  return max(TiledForward(model, tile, min(overlap, tile // 2)).program_bytes(params, batch, size, size).values())
 
 
 class TileChoice(NamedTuple):
@@ -168,43 +189,45 @@ class TileChoice(NamedTuple):
 def choose(model: MultiScaleNet, params: Any, cfg: ml_collections.ConfigDict, *, batch: int, longest: int,
            whole_bytes: Callable[[], int]) -> TileChoice:
   """Whole images or tiles, from config.eval: `tile_size` as given, or with `memory_budget_gb` the whole image when
-  its compiled step fits the budget, else the largest tile whose compiled step does (`batch` tiles per device).
-  The overlap is `tile_overlap`, at most half a chosen tile."""
+  its compiled step fits the budget, else the largest tile whose tiled pass (its larger program, on longest x
+  longest images, `batch` per device) does. The overlap is `tile_overlap`, at most half a chosen tile."""
   budget = cfg.memory_budget_gb * 2 ** 30
   if not budget:
     return TileChoice(cfg.tile_size, cfg.tile_overlap, {})
   gb = lambda n: f"{n / 2 ** 30:.2f} GB"
   if cfg.tile_size:
-    need = tile_step_bytes(model, params, batch, cfg.tile_size)
+    need = tiled_bytes(model, params, batch, cfg.tile_size, cfg.tile_overlap, longest)
     if need <= budget:
       return TileChoice(cfg.tile_size, cfg.tile_overlap, {f"tile_{cfg.tile_size}": need})
-    best, _ = largest_fitting_tile(model, params, batch, budget, cfg.tile_size)
+    best, _ = largest_fitting_tile(model, params, batch, budget, longest, cfg.tile_overlap, limit=cfg.tile_size)
     raise ConfigError(f"config.eval.tile_size={cfg.tile_size}: its step needs {gb(need)} on a device, more than "
                       f"config.eval.memory_budget_gb={cfg.memory_budget_gb}; "
                       + (f"tiles up to {best} fit" if best else "no tile size fits"))
   whole = whole_bytes()
   if whole <= budget:
     return TileChoice(0, cfg.tile_overlap, {"whole": whole})
-  best, measured = largest_fitting_tile(model, params, batch, budget, longest)
+  best, measured = largest_fitting_tile(model, params, batch, budget, longest, cfg.tile_overlap)
   if best is None:
     raise ConfigError(f"config.eval.memory_budget_gb={cfg.memory_budget_gb}: even {TILE_SIZES[0]}-pixel tiles need "
                       f"{gb(measured[TILE_SIZES[0]])} on a device; expected a budget of at least that")
-  overlap = min(cfg.tile_overlap, best // 2 // OUTPUT_STRIDE * OUTPUT_STRIDE)
+  overlap = min(cfg.tile_overlap, best // 2)
   return TileChoice(best, overlap, {"whole": whole, **{f"tile_{t}": n for t, n in measured.items()}})
 
 
 def largest_fitting_tile(model: MultiScaleNet, params: Any, batch: int, budget_bytes: float, longest: int,
-                         measure: Callable[[MultiScaleNet, Any, int, int], int] = tile_step_bytes
-                         ) -> tuple[int | None, dict[int, int]]:
-  """The largest of TILE_SIZES (up to the first that covers `longest` pixels) whose tile step fits the budget,
-  by bisection on compiled steps; None if not even the smallest fits. Also returns the bytes measured per tile."""
-  candidates = [t for t in TILE_SIZES if t < longest] + [next((t for t in TILE_SIZES if t >= longest),
-                                                               TILE_SIZES[-1])]
+                         overlap: int, limit: int | None = None,
+                         measure: Callable[..., int] = tiled_bytes) -> tuple[int | None, dict[int, int]]:
+  """The largest of TILE_SIZES (up to the first that covers `longest` pixels, and below `limit`) whose tiled pass
+  fits the budget, by bisection on compiled programs; None if not even the smallest fits. Also returns the bytes
+  measured per tile size. The bisection takes the need to grow with the tile, as it does once the tile step
+  dominates (on small images many small tiles' outputs can outweigh it); a tile it returns was measured to fit."""
+  covering = next((t for t in TILE_SIZES if t >= longest), TILE_SIZES[-1])
+  candidates = [t for t in TILE_SIZES if t <= covering and (limit is None or t < limit)] or [TILE_SIZES[0]]
   measured: dict[int, int] = {}
   lo, hi, best = 0, len(candidates) - 1, None
   while lo <= hi:
     mid = (lo + hi) // 2
-    measured[candidates[mid]] = measure(model, params, batch, candidates[mid])
+    measured[candidates[mid]] = measure(model, params, batch, candidates[mid], overlap, longest)
     if measured[candidates[mid]] <= budget_bytes:
       best, lo = candidates[mid], mid + 1
     else:

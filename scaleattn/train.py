@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from scaleattn import checkpointing, convert, evaluate, input_pipeline, losses, predict, sharding, steps
 from scaleattn.state import Experiment, TrainState, build_experiment
@@ -66,7 +67,7 @@ def raise_nonfinite(step: int, window: Mapping[str, float]) -> None:
 
 def initial_state(exp: Experiment, ckpts: checkpointing.Checkpoints) -> TrainState:
   """Resume from the workdir if it has a checkpoint, else start from `init_from` (converted VGG-16) or scratch."""
-  state = ckpts.restore(exp.abstract_state)
+  state = ckpts.restore(exp.abstract_state, resume=True)
   if state is not None:
     logging.info("Resumed from step %d in %s.", int(state.step), ckpts.directory)
     return state
@@ -78,6 +79,13 @@ def initial_state(exp: Experiment, ckpts: checkpointing.Checkpoints) -> TrainSta
     state = TrainState(step=state.step, params=params, opt_state=exp.tx.init(params))
     logging.info("Initialised the backbone from %s.", path)
   return state
+
+
+def summed_over_processes(count: int) -> int:
+  """The sum of a per-process count (a collective: every process calls it at the same step)."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -152,6 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           scalars["images_per_s"] = (done - tick_step) * config.train.batch_size / elapsed
           scalars["step_time_s"] = elapsed / (done - tick_step)
           scalars["skipped_steps"] = skipped
+          if config.input.on_bad_record == "skip":
+            scalars["skipped_records"] = summed_over_processes(data.skipped_records)
           writer.write_scalars(done, scalars)
           window, tick, tick_step = None, time.perf_counter(), done
         if eval_now:
@@ -160,6 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 data.num_eval_batches(config.dataset.eval_split), data.class_names)
           writer.write_scalars(done, {f"{config.dataset.eval_split}/{k}": v for k, v in eval_result.items()
                                       if np.isscalar(v)})
+          if is_main and config.eval.num_examples:  # panels of the first validation images, in TensorBoard
+            split = config.dataset.eval_split
+            writer.write_images(done, predict.eval_panels(exp, state.params, next(iter(data.eval_batches(split))),
+                                                          config.eval.num_examples, split))
         ckpts.save(done, state, metrics={checkpointing.BEST_METRIC: eval_result["miou"]} if eval_now else None,
                    force=eval_now or preempted)
         if preempted:

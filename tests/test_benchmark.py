@@ -123,3 +123,19 @@ def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_p
     json.dump({"traceEvents": events}, f)
   # Two traced steps: fusion 3 + 1 + 2 ms, convolution 8 ms, halved.
   assert benchmark.time_by_op_kind(str(tmp_path), hlo, steps=2) == {"convolution": 4.0, "fusion": 3.0}
+
+
+def test_inference_runner_records_each_program_of_whole_and_tiled_prediction():
+  """The benchmark's two prediction paths run; the tiled path's tile step is the same program for two image sizes,
+  its stitching grows with the image."""
+  config = shapes.get_config("smoke")
+  config.eval.tile_overlap = 112  # twice the smoke backbone's receptive-field radius
+  whole, whole_bytes = benchmark.inference_runner(config, 90, 150, 0)
+  tiled, tiled_bytes = benchmark.inference_runner(config, 90, 150, 129)
+  _, larger_bytes = benchmark.inference_runner(config, 180, 300, 129)
+  assert set(whole_bytes) == {"whole"} and set(tiled_bytes) == {"tile_step", "stitch_and_fuse", "upsample"}
+  assert tiled_bytes["tile_step"] == larger_bytes["tile_step"] > 0
+  assert larger_bytes["stitch_and_fuse"] > tiled_bytes["stitch_and_fuse"]
+  assert tiled.compile_s > 0 and whole.compile_s > 0
+  whole.run()
+  tiled.run()

@@ -115,9 +115,16 @@ def test_one_set_of_parameters_serves_any_scale_set(method):
   two = rng.normal(size=(1, 6, 6, 2, 3)).astype(np.float32), rng.normal(size=(1, 6, 6, 2, 5)).astype(np.float32)
   _, variables, apply = _fusion(method, None, *two, scales=(1.0, 0.5))
   four = rng.normal(size=(1, 6, 6, 4, 3)).astype(np.float32), rng.normal(size=(1, 6, 6, 4, 5)).astype(np.float32)
-  fused, weights = apply(variables, *four, train=False, scales=(1.5, 1.0, 0.75, 0.5))
-  assert fused.shape == (1, 6, 6, 3) and weights.shape == (1, 6, 6, 4)
-  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-5)
+  scales = (1.5, 1.0, 0.75, 0.5)
+  fused, weights = apply(variables, *four, train=False, scales=scales)
+  params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
+  scores64, feats64 = (x.astype(np.float64) for x in four)
+  if method == "shared_attention":
+    want_fused, want_weights = _np_shared_attention(params, scores64, feats64)
+  else:
+    want_fused, want_weights = _np_hierarchical(params, scores64, [feats64[:, :, :, k] for k in range(4)], scales)
+  np.testing.assert_allclose(fused, want_fused, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-4, atol=1e-6)
   one = four[0][:, :, :, :1], four[1][:, :, :, :1]
   fused, weights = apply(variables, *one, train=False, scales=(1.0,))
   np.testing.assert_allclose(fused, one[0][:, :, :, 0], atol=1e-6)

@@ -109,28 +109,36 @@ def test_flip_averages_the_tiled_mirror_like_the_whole_one():
 
 def test_memory_budget_picks_the_largest_fitting_tile_by_bisection():
   """With a stand-in measure (bytes = tile^2), the choice is the largest candidate under the budget."""
-  measure = lambda model, params, batch, tile: tile * tile
-  best, measured = tiling.largest_fitting_tile(None, None, 1, 300 ** 2, 2048, measure=measure)
+  measure = lambda model, params, batch, tile, overlap, size: tile * tile
+  best, measured = tiling.largest_fitting_tile(None, None, 1, 300 ** 2, 2048, 128, measure=measure)
   assert best == 257 and all(t in tiling.TILE_SIZES for t in measured)
   assert len(measured) <= 5  # bisection, not a scan of all 15 candidates
-  assert tiling.largest_fitting_tile(None, None, 1, 10, 2048, measure=measure)[0] is None
+  assert tiling.largest_fitting_tile(None, None, 1, 10, 2048, 128, measure=measure)[0] is None
+  assert tiling.largest_fitting_tile(None, None, 1, 300 ** 2, 2048, 128, limit=257, measure=measure)[0] == 193
 
 
 def test_memory_budget_with_compiled_steps():
-  """Real compiled tile steps of the smoke model: XLA's bytes grow with the tile; a budget between two candidates'
-  needs picks the smaller; a tile_size over the budget is a ConfigError naming what fits."""
+  """Real compiled programs of the smoke model: the tile step's bytes grow with the tile's area and not with the
+  image, the stitching's with the image; a budget between two candidates' needs picks the smaller; a tile_size over
+  the budget is a ConfigError naming what fits."""
   model, _ = _model()
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 33, 33, 3), np.float32),
                                              train=False))["params"]
-  small, middle, large = (tiling.tile_step_bytes(model, params, 1, t) for t in (129, 193, 257))
-  assert large > middle > small > 0 and 3 < large / small < 5  # activations grow with the tile's area
+  steps = {(t, n): tiling.TiledForward(model, t, 32).program_bytes(params, 1, n, n) for t, n in
+           ((129, 257), (257, 257), (129, 513))}
+  assert 3 < steps[257, 257]["tile_step"] / steps[129, 257]["tile_step"] < 5
+  assert steps[129, 513]["tile_step"] == steps[129, 257]["tile_step"]
+  assert steps[129, 513]["stitch_and_fuse"] > 2 * steps[129, 257]["stitch_and_fuse"]
+  small, large = (tiling.tiled_bytes(model, params, 1, t, 32, 257) for t in (129, 257))
+  assert large > small > 0
   cfg = shapes.get_config("smoke").eval
-  cfg.memory_budget_gb = (small + middle) / 2 / 2 ** 30
+  cfg.tile_overlap, cfg.memory_budget_gb = 32, (small + large) / 2 / 2 ** 30
   choice = tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: 10 * large)
-  assert choice.tile == 129 and choice.measured["whole"] == 10 * large
+  assert choice.tile in (129, 193) and choice.measured["whole"] == 10 * large
+  assert choice.measured[f"tile_{choice.tile}"] <= cfg.memory_budget_gb * 2 ** 30  # what it returns was measured
   assert tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: small).tile == 0  # fits whole
   cfg.tile_size = 257
   with pytest.raises(config_validation.ConfigError, match=r"config.eval.tile_size=257: its step needs .* GB on a "
                                                           r"device, more than config.eval.memory_budget_gb=.*; tiles "
-                                                          r"up to 129 fit"):
+                                                          r"up to (129|193) fit"):
     tiling.choose(model, params, cfg, batch=1, longest=257, whole_bytes=lambda: 0)

@@ -24,19 +24,24 @@ Methods, per pixel i and class c, with head(x) = a 3x3 conv (`hidden` channels) 
                       fused = a_l * p_l + (1 - a_l) * fused (the lowest scale has the last word, the highest scale's
                       attention is never used). The weights are the products this implies (they sum to 1).
                       Differences from NVIDIA/semantic-segmentation's `nscale_forward`: every term is combined on
-                      the common (scale-1 output) grid, so up(a_l) * up(p_l) stands for their up(a_l * p_l), and a
-                      scale above 1 is brought to that grid before combining instead of the running fusion being
-                      brought to it; the two agree where a_l is constant over an interpolation cell. The head is
-                      this module's (no batch norm, one 3x3 layer) rather than their two 3x3 conv-BN-ReLU layers.
+                      the common (scale-1 output) grid, where theirs are combined at each scale's input
+                      resolution, so up(a_l) * up(p_l) stands for their up(a_l * p_l), and a scale above 1 is
+                      brought to the grid in one resize before combining instead of the running fusion being
+                      brought down scale by scale (2 -> 1.5 -> 1); the two agree where a_l is constant over an
+                      interpolation cell. The head is this module's (one 3x3 layer, no batch norm, dropout in
+                      training) on the features it is given (fc7 here) rather than their two 3x3 conv-BN-ReLU
+                      layers on the decoder's features.
   'average':          w_i^s = 1 / S.
   'max':              fused_{i,c} = max_s scores_{i,c}^s; the weights are the one-hot of the scale holding the
                       maximum of the winning class (what the paper shows for max pooling).
 'average' and 'max' have no parameters; every method except 'attention' runs on scale sets it was not trained on.
 
-Features given at their own resolutions are resized (bilinear, align corners) inside the head's first layer, after
-its per-tap channel projection: resizing is linear and acts on each channel alike, so resize-then-project equals
-project-then-resize, and the projection runs on the small maps (for VGG-16 LargeFOV at scales 1, 0.75, 0.5 the
-head's cost falls by a third). The result is the same as for features resized first.
+For 'attention' and 'shared_attention', features given at their own resolutions are resized (bilinear, align
+corners) inside the head's first layer, after its per-tap channel projection: resizing is linear and acts on each
+channel alike, so resize-then-project equals project-then-resize, and the projection runs on the small maps (for
+VGG-16 LargeFOV at scales 1, 0.75, 0.5 the head's cost falls by a third); the result is the same as for features
+resized first. 'hierarchical' runs its head on each map as given (at its own resolution, as Tao et al.), so it
+gives other weights for features resized first.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from scaleattn import input_pipeline, sharding, steps
+from scaleattn import config_validation, inference, input_pipeline, predict, sharding, steps, tiling
 from scaleattn.compiled_memory import memory_analysis
 from scaleattn.perf import flops, host_memory
 from scaleattn.perf.environment import environment
@@ -61,6 +61,12 @@ flags.DEFINE_bool("memory_only", False, "Compile the train step of each case and
 flags.DEFINE_string("tpu_topology", "", "With --memory_only: compile for this TPU topology (e.g. 'v5e:2x2'; "
                     "--config.mesh.data=1 takes one of its chips) on this host, without a TPU (JAX's deviceless "
                     "compilation; needs libtpu installed).")
+flags.DEFINE_list("inference_sizes", [], "Instead of train and eval steps, time prediction (the config's scales, "
+                  "fusion and flip; batch 1) on images of these sizes, e.g. '513x513,1024x2048'.")
+flags.DEFINE_list("tile_sizes", ["0", "513"], "With --inference_sizes: whole images (0) and these tile sizes "
+                  "(config.eval.tile_overlap apart).")
+flags.DEFINE_list("memory_budgets_gb", [], "With --inference_sizes: for each budget and size, the tile "
+                  "config.eval.memory_budget_gb would choose (compiled, not run).")
 host_memory.define_flag()
 
 
@@ -168,6 +174,75 @@ def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> Runner:
   return Runner(lambda: jax.block_until_ready(compiled(params, batch)), compiled, compile_s, exp.mesh.size)
 
 
+def inference_runner(config: ml_collections.ConfigDict, height: int, width: int, tile: int) -> tuple[Runner, dict]:
+  """Prediction of one random height x width image, whole at its own size (tile 0: `predict.full_resolution`) or
+  tiled as `predict.Predictor` tiles; and XLA's bytes for each of its compiled programs."""
+  exp = build_experiment(config)
+  params = exp.init_state(jax.random.key(0)).params
+  image = np.random.default_rng(0).normal(0, 50, (1, height, width, 3)).astype(np.float32)
+  valid = np.ones((1, height, width), bool)
+  t = time.perf_counter()
+  if not tile:
+    compiled = predict.full_resolution.lower(params, image, valid, exp=exp).compile()
+    return (Runner(lambda: jax.block_until_ready(compiled(params, image, valid)), compiled, time.perf_counter() - t,
+                   1), {"whole": memory_analysis(compiled)["total_bytes"]})
+  forward = tiling.TiledForward(exp.eval_model, tile, config.eval.tile_overlap)
+  finish = jax.jit(functools.partial(predict.at_input_size, exp=exp))
+
+  def run() -> None:
+    out = inference.predict_scores(params, image, exp=exp, flip=config.eval.flip, forward=forward)
+    jax.block_until_ready(finish(out.fused, out.weights, image, valid))
+
+  programs = forward.program_bytes(params, 1, height, width)
+  out = jax.eval_shape(lambda p: inference.predict_scores(p, image, exp=exp, flip=False, forward=forward), params)
+  programs["upsample"] = memory_analysis(finish.lower(out.fused, out.weights, image, valid).compile())["total_bytes"]
+  run()  # compiles the tile step and the fusion for this size
+  return Runner(run, forward.tile_step, time.perf_counter() - t, 1), programs
+
+
+def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list[dict]:
+  """Whole against tiled prediction per image size: images/s (median of --steps calls) and XLA's bytes of each
+  compiled program (the largest is recorded as the peak: the programs run one after another, and the stitching's
+  arguments are the tiles' outputs held between them); the device's own peak since the process started where it
+  keeps one; and the tile each budget chooses."""
+  cases = []
+  for size in FLAGS.inference_sizes:
+    height, width = (int(n) for n in size.split("x"))
+    for tile in map(int, FLAGS.tile_sizes):
+      runner, programs = inference_runner(base, height, width, tile)
+      times = call_times(runner.run, FLAGS.steps, warmup=0)
+      case = {"name": f"predict-{size}-" + (f"tile{tile}" if tile else "whole"), "kind": "predict",
+              "image_size": [height, width], "tile_size": tile,
+              "tile_overlap": base.eval.tile_overlap if tile else None, "scales": list(base.eval.scales or base.model.scales),
+              "fusion": base.model.fusion.name, "flip": base.eval.flip, "peak_gflops_per_s": peak,
+              "compile_s": runner.compile_s, "median_s": float(np.median(times)), "calls": len(times),
+              "images_per_s": 1 / float(np.median(times)), "program_bytes": programs,
+              "peak_memory_bytes": max(programs.values()), "peak_memory_source": "xla_buffer_assignment",
+              **({"device_peak_bytes_since_start": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in (
+                  stats := jax.devices()[0].memory_stats() or {}) else {})}
+      print(json.dumps(case), flush=True)
+      cases.append(case)
+    for budget in map(float, FLAGS.memory_budgets_gb):
+      config = base.copy_and_resolve_references()
+      config.eval.memory_budget_gb = budget
+      exp = build_experiment(config)
+      image = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+      mask = jax.ShapeDtypeStruct((1, height, width), jnp.bool_)
+      whole = lambda exp=exp, image=image, mask=mask: memory_analysis(predict.full_resolution.lower(
+          exp.abstract_state.params, image, mask, exp=exp).compile())["total_bytes"]
+      try:
+        choice = tiling.choose(exp.eval_model, exp.abstract_state.params, config.eval, batch=1,
+                               longest=max(height, width), whole_bytes=whole)
+        chosen = {"tile_size": choice.tile, "measured_bytes": choice.measured}
+      except config_validation.ConfigError as e:
+        chosen = {"tile_size": None, "error": str(e)}
+      case = {"name": f"budget-{size}-{budget:g}GB", "kind": "memory_budget", "image_size": [height, width],
+              "memory_budget_gb": budget, **chosen}
+      print(json.dumps(case), flush=True)
+      cases.append(case)
+  return cases
+
+
 def measure(runner: Runner, batch_size: int, steps: int, model_flop: float, datasheet_gflops: float | None) -> dict:
   """Median (and min) step time over `steps` runs after one warm-up run, throughput, achieved GFLOP/s of the whole
   step on all its devices (XLA's count of the compiled step, and the model's `model_flop`), and MFU against
@@ -252,8 +327,8 @@ def main(argv):
     target_mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
     target_platform = "tpu"
     target = {"compiled_for": FLAGS.tpu_topology, "compiled_for_device": topology.devices[0].device_kind}
-  cases = []
-  for scales, precision, microbatches, remat in itertools.product(scale_sets, FLAGS.precision,
+  cases = inference_cases(base, peaks.get("float32")) if FLAGS.inference_sizes else []
+  for scales, precision, microbatches, remat in [] if FLAGS.inference_sizes else itertools.product(scale_sets, FLAGS.precision,
                                                                   map(int, FLAGS.microbatches), FLAGS.remat):
     for execution in (FLAGS.scale_execution if len(scales) > 1 else ["loop"]):
       config = base.copy_and_resolve_references()
@@ -282,7 +357,9 @@ def main(argv):
                      functools.partial(eval_runner, config, FLAGS.eval_batch_size)))
       for kind, batch_size, size, runner in runs:
         built = runner()
-        model_flop = flops.step_flops(config.model, batch_size, size, size, train=kind == "train")
+        counted = config.model.copy_and_resolve_references()  # eval runs config.eval.scales when set
+        counted.scales = tuple(config.eval.scales or config.model.scales) if kind == "eval" else config.model.scales
+        model_flop = flops.step_flops(counted, batch_size, size, size, train=kind == "train")
         case = {"name": f"{kind}-{name}", "kind": kind, "batch_size": batch_size, "image_size": size, **common,
                 **measure(built, batch_size, FLAGS.steps, model_flop, datasheet[precision])}
         if FLAGS.profile_dir:
