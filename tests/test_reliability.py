@@ -103,7 +103,7 @@ def test_a_bit_flip_orbax_restores_silently_is_caught_by_the_manifest(tmp_path, 
     f.write(bytes([byte ^ 0x04]))
   target = jax.eval_shape(lambda: _array_state(0))
   silently = ocp.CheckpointManager(tmp_path).restore(2, args=ocp.args.StandardRestore(target))
-  assert np.sum(np.asarray(silently["w"]) != np.asarray(_array_state(2)["w"])) == 1
+  assert np.sum(np.asarray(silently["w"]) != np.asarray(_array_state(2)["w"])) >= 1  # no error, wrong values
   caplog.set_level("WARNING")
   restored = _checkpoints(tmp_path).restore(target)
   np.testing.assert_array_equal(restored["w"], _array_state(1)["w"])
