@@ -117,7 +117,8 @@ def main(argv):
   lines = [f"# Dense CRF on scale_shapes (configs/shapes.py, {FLAGS.seeds} seeds, test split)", "",
            f"Machine: {info['machine']}. Commit {info['commit']}. CRF weights chosen per seed on the first "
            f"{FLAGS.val_batches} validation batches; test mIoU on the first {FLAGS.test_batches or 'all'} test "
-           "batches, with and without the CRF (the same images). Seconds per image on one CPU core.", "",
+           "batches, with and without the CRF (the same images). Seconds per image: the whole test pass's time over its images "
+           "(one worker process; not alone on the machine if other work ran).", "",
            "| seed | best (bilateral weight, xy std, rgb std) | val mIoU % | test mIoU % no CRF | with CRF | gain | "
            "s/image no CRF | with CRF |", "|---|---|---|---|---|---|---|---|"]
   for k, s in enumerate(seeds):
