@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
           fc_width=1024,
           conv5_dilation=2,
           fc6_dilation=12,
+          fc6_kernel=3,  # odd; fc6's kernel and dilation set the field of view (DeepLab's Table 2)
+          stride1_pools=True,  # pool4 and pool5 (3x3, stride 1); False drops them
           dropout_rate=0.5,
           fc8_init_std=ml_collections.FieldReference(0.01, field_type=float),  # None: LeCun normal
       )),

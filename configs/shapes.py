@@ -1,9 +1,12 @@
 """The embedded default: attention to scale on `scale_shapes` (builder config 'small'), generated locally.
 
 The backbone is DeepLab-LargeFOV's structure made small: five one-conv blocks (16-64 channels) with its three
-stride-2 and two stride-1 pools, conv5 and fc6 undilated. Its receptive field at scale 1 is small next to the
-largest objects (up to 96 px), and the smallest (8 px) shrink to 4 px at scale 0.5, so neither scale alone
-sees every object well.
+stride-2 pools, conv5 undilated, and a field of view narrowed as DeepLab's own variants narrow it: fc6 1x1 and no
+stride-1 pools (pool4, pool5). It sees 61 px at scale 1 (a receptive-field radius of 30), less than the largest
+objects (up to 96 px) and twice that at scale 0.5, where the smallest objects (8 px) shrink to 4 px: scale 0.5
+alone is best on the largest objects, scale 1 alone on the small ones (launch/results/default_run.json), so
+whether the attention picks the right scale can be asked in both directions. With fc6 3x3 and both pools (109
+px at scale 1) scale 0.5 was best nowhere; runs recorded before this change state their commit.
 
   python -m scaleattn.main --config=configs/shapes.py --workdir=workdirs/shapes            # ~5 min on 2 cores
   python -m scaleattn.main --config=configs/shapes.py:ablation --workdir=W                 # one ablation cell
@@ -31,6 +34,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.backbone.block_depths = (1, 1, 1, 1, 1)
   c.model.backbone.conv5_dilation = 1
   c.model.backbone.fc6_dilation = 1
+  c.model.backbone.fc6_kernel = 1
+  c.model.backbone.stride1_pools = False
   c.model.backbone.fc_width = 128
   c.model.backbone.dropout_rate = 0.1
   c.model.fusion.hidden = 64

@@ -45,9 +45,10 @@ class LargeFOV(nn.Module):
       for _ in range(depth):
         layers += [_conv(cin, width, dilation=cfg.conv5_dilation if block == 5 else 1), nn.ReLU(inplace=True)]
         cin = width
-      layers.append(nn.MaxPool2d(3, stride=2 if block <= 3 else 1, padding=1, ceil_mode=True))
+      if block <= 3 or cfg.stride1_pools:
+        layers.append(nn.MaxPool2d(3, stride=2 if block <= 3 else 1, padding=1, ceil_mode=True))
     self.features = nn.Sequential(*layers)
-    self.fc6 = _conv(cin, cfg.fc_width, dilation=cfg.fc6_dilation)
+    self.fc6 = _conv(cin, cfg.fc_width, kernel=cfg.fc6_kernel, dilation=cfg.fc6_dilation)
     self.fc7 = _conv(cfg.fc_width, cfg.fc_width, kernel=1)
     self.fc8 = _conv(cfg.fc_width, num_classes, kernel=1)
     self.drop = nn.Dropout(cfg.dropout_rate)

@@ -46,16 +46,17 @@ def bilinear(x, size):
   return out
 
 
-def largefov(params, x, depths, fc6_dilation, conv5_dilation=2):
+def largefov(params, x, depths, fc6_dilation, conv5_dilation=2, stride1_pools=True):
   """DeepLab-LargeFOV in eval mode: conv blocks (conv5 dilated) each followed by a 3x3 pad-1 max-pool
-  (stride 2, 2, 2, 1, 1), fc6 3x3 dilated, fc7 and fc8 1x1, ReLU after every layer but fc8. Returns
-  (scores, fc7)."""
+  (stride 2, 2, 2, 1, 1; without the stride-1 ones if not stride1_pools), fc6 dilated (its kernel's size from
+  its parameters), fc7 and fc8 1x1, ReLU after every layer but fc8. Returns (scores, fc7)."""
   relu = lambda v: np.maximum(v, 0.0)
   layer = lambda name, v, dilation=1: conv(v, params[name]["kernel"], params[name]["bias"], dilation)
   for block, (depth, stride) in enumerate(zip(depths, (2, 2, 2, 1, 1), strict=True), start=1):
     for i in range(1, depth + 1):
       x = relu(layer(f"conv{block}_{i}", x, conv5_dilation if block == 5 else 1))
-    x = max_pool(x, stride)
+    if stride == 2 or stride1_pools:
+      x = max_pool(x, stride)
   fc7 = relu(layer("fc7", relu(layer("fc6", x, fc6_dilation))))
   return layer("fc8", fc7), fc7
 

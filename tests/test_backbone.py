@@ -67,15 +67,18 @@ def test_max_pool_is_caffe_ceil_mode(stride, size, impl):
 
 
 @pytest.mark.parametrize("conv_impl", ["xla", "cpu"])
-@pytest.mark.parametrize("conv5_dilation", [2, 1])
-def test_forward_matches_numpy(conv5_dilation, conv_impl):
-  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation, conv_impl=conv_impl)
+@pytest.mark.parametrize("conv5_dilation, fc6_kernel, stride1_pools", [(2, 3, True), (1, 3, True), (2, 1, False),
+                                                                       (1, 5, True)])
+def test_forward_matches_numpy(conv5_dilation, fc6_kernel, stride1_pools, conv_impl):
+  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation, fc6_kernel=fc6_kernel,
+                          stride1_pools=stride1_pools, conv_impl=conv_impl)
   x = np.random.default_rng(1).normal(size=(2, 35, 27, 3)).astype(np.float32)
   variables = ref.random_variables(model, x, train=False)
   scores, fc7 = _apply(model)(variables, x, train=False)
   params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
   ref_scores, ref_fc7 = ref.largefov(params, x.astype(np.float64), TINY["block_depths"], TINY["fc6_dilation"],
-                                     conv5_dilation)
+                                     conv5_dilation, stride1_pools)
+  assert params["fc6"]["kernel"].shape[:2] == (fc6_kernel, fc6_kernel)
   assert scores.shape == (2, 6, 5, 4) == ref_scores.shape  # 35 -> 18 -> 10 -> 6, 27 -> 14 -> 8 -> 5
   np.testing.assert_allclose(fc7, ref_fc7, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)

@@ -20,26 +20,34 @@ from scaleattn.models.resize import pool_size
 BLOCK_OUTPUT = "block_output"  # the name `per_block` rematerialisation saves (checkpoint_name)
 
 
-def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilation: int) -> int:
+def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilation: int, fc6_kernel: int = 3,
+                     stride1_pools: bool = True) -> int:
   """Input pixels, each side of an output cell's centre, that its value depends on: every 3x3 layer (convolution or
-  pool) adds its dilation times the stride accumulated before it (209 for VGG-16 LargeFOV)."""
+  pool) adds its dilation times the stride accumulated before it, fc6 (fc6_kernel // 2) times that (209 for
+  VGG-16 LargeFOV)."""
   radius, stride = 0, 1
   for block, depth in enumerate(block_depths, start=1):
-    radius += depth * stride * (conv5_dilation if block == 5 else 1) + stride  # the convs, then the 3x3 pool
+    radius += depth * stride * (conv5_dilation if block == 5 else 1)
+    radius += stride if block <= 3 or stride1_pools else 0  # the block's 3x3 pool
     stride *= 2 if block <= 3 else 1
-  return radius + fc6_dilation * stride
+  return radius + (fc6_kernel // 2) * fc6_dilation * stride
 
 
 class DeepLabLargeFOV(nn.Module):
   """VGG-16 DeepLab-LargeFOV; widths and depths configurable for small models. Parameters are float32;
   `dtype` is the compute dtype, `conv_impl` the kernels ('xla' or 'cpu', see `layers`). fc8 starts from
-  N(0, fc8_init_std) (0.01 in DeepLab's prototxt; None: LeCun normal like the other layers)."""
+  N(0, fc8_init_std) (0.01 in DeepLab's prototxt; None: LeCun normal like the other layers).
+
+  The field of view is set, as in DeepLab's own variants (its Table 2), by fc6's kernel (odd) and dilation;
+  `stride1_pools=False` also drops pool4 and pool5 (3x3, stride 1), which widen it without downsampling."""
   num_classes: int
   block_widths: Sequence[int] = (64, 128, 256, 512, 512)
   block_depths: Sequence[int] = (2, 2, 3, 3, 3)
   fc_width: int = 1024
   conv5_dilation: int = 2
   fc6_dilation: int = 12
+  fc6_kernel: int = 3
+  stride1_pools: bool = True
   dropout_rate: float = 0.5
   fc8_init_std: float | None = 0.01
   dtype: Any = jnp.float32
@@ -56,6 +64,8 @@ class DeepLabLargeFOV(nn.Module):
     if len(self.block_widths) != 5 or len(self.block_depths) != 5:
       raise ValueError(f"DeepLabLargeFOV: block_widths={tuple(self.block_widths)} and "
                        f"block_depths={tuple(self.block_depths)}: expected 5 entries each (conv1..conv5)")
+    if self.fc6_kernel < 1 or self.fc6_kernel % 2 == 0:
+      raise ValueError(f"DeepLabLargeFOV: fc6_kernel={self.fc6_kernel}: expected an odd kernel size >= 1")
     valid = None if valid_size is None else jnp.asarray(valid_size, jnp.int32)
 
     def conv(features: int, kernel: int, dilation: int, name: str, **kwargs) -> Conv:
@@ -73,12 +83,13 @@ class DeepLabLargeFOV(nn.Module):
         x = nn.relu(conv(width, 3, self.conv5_dilation if block == 5 else 1, f"conv{block}_{i}")(x))
         x = confine(x, 0.0 if i < depth else -jnp.inf)  # the block's last conv feeds the pool
       stride = 2 if block <= 3 else 1
-      x = max_pool_3x3(x, stride, self.conv_impl)
+      if stride == 2 or self.stride1_pools:
+        x = max_pool_3x3(x, stride, self.conv_impl)
       if valid is not None and stride == 2:
         valid = pool_size(valid)
       x = checkpoint_name(confine(x, 0.0), BLOCK_OUTPUT)
     # fc7 and fc8 are 1x1 and the caller crops the output, so nothing after fc6 needs confining.
-    x = nn.relu(conv(self.fc_width, 3, self.fc6_dilation, "fc6")(x))
+    x = nn.relu(conv(self.fc_width, self.fc6_kernel, self.fc6_dilation, "fc6")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(conv(self.fc_width, 1, 1, "fc7")(x))
     fc7 = checkpoint_name(nn.Dropout(self.dropout_rate, deterministic=not train)(x), BLOCK_OUTPUT)
