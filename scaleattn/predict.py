@@ -79,7 +79,9 @@ class Predictor:
                    tiling.describe(self.exp.config.model, self.tiled.tile, self.tiled.overlap))
     out = inference.predict_scores(self.params, images, exp=self.exp, flip=self.exp.config.eval.flip,
                                    forward=self.tiled)
-    return jax.device_get(self._finish(out.fused, out.weights, images, valid))
+    if self.exp.config.eval.crf.enabled:  # the dense CRF takes the whole image at once
+      return jax.device_get(self._finish(out.fused, out.weights, images, valid))
+    return self.tiled.upsample(out.fused, out.weights, h, w)
 
 
 def save_outputs(predictor: Predictor, image: np.ndarray, name: str, out_dir: str) -> list[str]:

@@ -44,3 +44,9 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray], batch_axis: 
   sharding = data_sharding(mesh, batch_axis)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items() if np.asarray(v).dtype.kind in "biuf"}
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array split along axis 0, in order (what `global_batch` was given)."""
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])

@@ -156,8 +156,9 @@ def jit_train_step(exp: Experiment) -> Callable:
 
 def jit_eval_step(exp: Experiment) -> Callable:
   """`eval_step` jitted once (parameters replicated, batch split over the mesh); or, when config.eval tiles (its
-  `tile_size`, or a `memory_budget_gb` the whole images exceed), a plain function running tiled inference then the
-  jitted statistics (it has no `.lower`: lower the tile step, `tiling.TiledForward.program_bytes`)."""
+  `tile_size`, or a `memory_budget_gb` the whole images exceed), a plain function running tiled inference on
+  each process's rows, then the jitted statistics of the whole batch (it has no `.lower`:
+  `tiling.TiledForward.program_bytes` compiles its steps)."""
   repl, data = sharding.replicated(exp.mesh), sharding.data_sharding(exp.mesh)
   whole = jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, data), out_shardings=repl)
   cfg = exp.config
@@ -176,10 +177,13 @@ def jit_eval_step(exp: Experiment) -> Callable:
     return whole
   logging.info("Evaluation tiled: %s (measured bytes: %s)", tiling.describe(cfg.model, choice.tile, choice.overlap),
                choice.measured)
-  forward = tiling.TiledForward(exp.eval_model, choice.tile, choice.overlap)
+  local = [d for d in exp.mesh.devices.flat if d.process_index == jax.process_index()]
+  forward = tiling.TiledForward(exp.eval_model, choice.tile, choice.overlap, devices=local)
   statistics = jax.jit(functools.partial(eval_statistics, exp=exp), out_shardings=repl)
 
   def tiled_step(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    out = inference.predict_scores(params, batch["image"], exp=exp, flip=cfg.eval.flip, forward=forward)
-    return statistics(out, batch)
+    out = inference.predict_scores(params, sharding.local_rows(batch["image"]), exp=exp, flip=cfg.eval.flip,
+                                   forward=forward)
+    rows = sharding.global_batch(exp.mesh, {"fused": out.fused, "per_scale": out.per_scale, "weights": out.weights})
+    return statistics(out.replace(own_grid=(), **rows), batch)
   return tiled_step

@@ -1,17 +1,24 @@
-"""Sliding-window (tiled) multi-scale inference, for images too large to run whole in the memory at hand.
+"""Sliding-window (tiled) multi-scale inference in device memory that does not grow with the image.
 
-The scales run one after another. Each scale's input (the image resized as `MultiScaleNet.scale_inputs` does) is
-cut into `tile` x `tile` tiles at offsets that are multiples of the output stride, so that every tile's output grid
-is a window of the whole input's; the backbone runs on one tile position at a time in a single jitted step of
-fixed shape, confined to the input's pixels (`valid_size`: a tile reaching past the input's edge computes what the
-input alone gives there). Every output cell takes its value from the tile whose centre it is nearest: the
-blending weights are 0 or 1 and sum to one at every cell, and a cell whose receptive field lies inside that tile
-(or reaches past the input's edge only) gets exactly the whole-input result, so with an overlap of twice the
-backbone's receptive-field radius tiled equals whole-input inference. The stitched score and feature maps then go
-through the model's own fusion (`MultiScaleNet.fuse`).
+Three passes, each a fixed-shape jitted step run window after window; the whole maps live in host memory (NumPy)
+between them, so the device holds one window's work at a time:
 
-Compilation: the backbone's tile step once, whatever the image size; the stitching and fusion, which are small
-next to the backbone, once per image size.
+1. The backbone, scale after scale. Each scale's input (the image resized as `MultiScaleNet.scale_inputs` does) is
+   cut into `tile` x `tile` tiles at offsets that are multiples of the output stride, so that every tile's output
+   grid is a window of the whole input's. A tile is made on the device from the image rows and columns it needs
+   (the slice of the resize that lands in it), and the backbone runs on it confined to the input's pixels
+   (`valid_size`). Every output cell takes its value from the tile whose centre it is nearest: the blending weights
+   are 0 or 1 and sum to one at every cell, and a cell whose receptive field lies inside that tile (or reaches past
+   the input's edge only) gets exactly the whole-input result, so with an overlap of twice the backbone's
+   receptive-field radius tiled equals whole-input inference.
+2. The fusion, in windows of the scale-1 output grid: each scale's scores and features around the window (one cell
+   more on every side, for the fusion heads' 3x3 convolutions) are brought into the window by the slice of the
+   whole map's resize that lands there, and fused by the model's own `MultiScaleNet.fuse`.
+3. For prediction, the fused scores at the image's resolution and their argmax, in windows of `tile` pixels.
+
+Compilation: each step once per distinct window shape: the slice of a resize is an argument, and the rows a
+window reads are rounded up to a multiple of 8, so image sizes share programs (the tile step has one shape per
+scale once every scale's input is larger than a tile). Host memory holds every scale's scores and features, which whole-image inference holds on the device.
 """
 from __future__ import annotations
 
@@ -24,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax import lax
 
 from scaleattn import config_validation
 from scaleattn.compiled_memory import memory_analysis
@@ -84,7 +90,8 @@ def blend_weights(plan: AxisPlan) -> np.ndarray:
 def exact_overlap(backbone: ml_collections.ConfigDict) -> int:
   """The overlap from which tiled inference equals whole-image inference: twice the receptive-field radius,
   rounded up to the output stride."""
-  radius = receptive_radius(backbone.block_depths, backbone.conv5_dilation, backbone.fc6_dilation)
+  radius = receptive_radius(backbone.block_depths, backbone.conv5_dilation, backbone.fc6_dilation,
+                            backbone.fc6_kernel, backbone.stride1_pools)
   return -(-2 * radius // OUTPUT_STRIDE) * OUTPUT_STRIDE
 
 
@@ -98,84 +105,229 @@ def describe(model_cfg: ml_collections.ConfigDict, tile: int, overlap: int) -> s
                  f" (below the exact overlap {exact}: cells near inner tile edges differ from whole-image inference)")
 
 
-def _backbone(model: MultiScaleNet, tiles: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return model.backbone(tiles, train=False, valid_size=valid)
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """A resize (bilinear, align corners) along one axis from `n_in` positions to `n_out`, cut into windows of its
+  output: window k is the output positions [starts[k] - halo, starts[k] + size + halo), made from the input
+  positions [reads[k], reads[k] + span) (zero outside the input) by matrices[k] [size + 2 halo, span]; output
+  positions outside [0, n_out) come out zero."""
+  starts: tuple[int, ...]
+  reads: tuple[int, ...]
+  matrices: np.ndarray
+
+  @property
+  def span(self) -> int:
+    return self.matrices.shape[2]
 
 
-def _scale_inputs(model: MultiScaleNet, images: jax.Array) -> list[jax.Array]:
-  return model.scale_inputs(images)
+def resize_windows(n_out: int, n_in: int, starts: Sequence[int], size: int, halo: int = 0, margin: int = 0
+                   ) -> Windows:
+  """The windows of the resize n_in -> n_out at `starts`, each reading `margin` more input positions on either
+  side than its taps (for a 3x3 convolution on them); the span is rounded up to a multiple of 8."""
+  taps, frac = resize.interpolation_taps(n_out, n_in)
+  second = 1 if n_in > 1 else 0
+  ranges = [(max(start - halo, 0), min(start + size + halo, n_out)) for start in starts]
+  first = [int(taps[lo:hi].min()) if hi > lo else 0 for lo, hi in ranges]
+  last = [int(taps[lo:hi].max()) + second if hi > lo else 0 for lo, hi in ranges]
+  span = -(-(max(b - a for a, b in zip(first, last, strict=True)) + 1 + 2 * margin) // 8) * 8
+  reads = tuple(a - margin for a in first)
+  matrices = np.zeros((len(starts), size + 2 * halo, span), np.float32)
+  for k, ((lo, hi), start, read) in enumerate(zip(ranges, starts, reads, strict=True)):
+    out = np.arange(lo, hi) - start + halo
+    np.add.at(matrices[k], (out, taps[lo:hi] - read), 1.0 - frac[lo:hi])
+    if second:
+      np.add.at(matrices[k], (out, taps[lo:hi] + 1 - read), frac[lo:hi])
+  return Windows(tuple(starts), reads, matrices)
 
 
-def _fuse(model: MultiScaleNet, outs: Sequence[tuple[jax.Array, jax.Array]]) -> MultiScaleOutput:
-  return model.fuse(outs, train=False)
+def _crop(x: np.ndarray, row: int, col: int, height: int, width: int) -> np.ndarray:
+  """x[:, row:row + height, col:col + width] of a host array [B, H, W, ...], zero outside x."""
+  out = np.zeros((x.shape[0], height, width) + x.shape[3:], x.dtype)
+  r0, r1 = max(row, 0), min(row + height, x.shape[1])
+  c0, c1 = max(col, 0), min(col + width, x.shape[2])
+  if r0 < r1 and c0 < c1:
+    out[:, r0 - row:r1 - row, c0 - col:c1 - col] = x[:, r0:r1, c0:c1]
+  return out
 
 
-def _stitch(tiles: Sequence[Sequence[jax.Array]], rows: AxisPlan, cols: AxisPlan) -> jax.Array:
-  """One scale's whole output map from its tiles' outputs [B, t, t, ...], each cell from the tile that owns it."""
-  bands = []
-  for i, (r0, r1) in enumerate(rows.owned):
-    fy = rows.starts[i] // OUTPUT_STRIDE
-    pieces = []
-    for j, (c0, c1) in enumerate(cols.owned):
-      fx = cols.starts[j] // OUTPUT_STRIDE
-      pieces.append(tiles[i][j][:, r0 - fy:r1 - fy, c0 - fx:c1 - fx])
-    bands.append(jnp.concatenate(pieces, axis=2))
-  return jnp.concatenate(bands, axis=1)
+def _tile_forward(model: MultiScaleNet, crop: jax.Array, rows: jax.Array, cols: jax.Array, valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """One tile of one scale's input, made from the image rows and columns it reads, through the backbone."""
+  tile = resize.apply_matrices(crop * model.input_scale, rows, cols)
+  return model.backbone(tile, train=False, valid_size=valid)
+
+
+def _fuse_window(model: MultiScaleNet, crops: Sequence[tuple[jax.Array, jax.Array]], rows: Sequence[jax.Array],
+                 cols: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One window of the scale-1 output grid (with its one-cell halo) fused from every scale's maps around it;
+  returns the window's fused scores, weights and per-scale scores without the halo."""
+  to_grid = [functools.partial(resize.apply_matrices, rows=r, cols=c) for r, c in zip(rows, cols, strict=True)]
+  out = model.fuse(crops, train=False, grid=(rows[0].shape[0], cols[0].shape[0]), to_grid=to_grid)
+  return out.fused[:, 1:-1, 1:-1], out.weights[:, 1:-1, 1:-1], out.per_scale[:, 1:-1, 1:-1]
+
+
+def _upsample_window(fused: jax.Array, weights: jax.Array, rows: jax.Array, cols: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """One window of the image: the labels (argmax of the fused scores brought to it) and the fusion weights."""
+  scores = resize.apply_matrices(fused.astype(jnp.float32), rows, cols)
+  return jnp.argmax(scores, axis=-1), resize.apply_matrices(weights.astype(jnp.float32), rows, cols)
 
 
 class TiledForward:
-  """Eval-mode forward pass of `model` tile by tile: (params, images [B, H, W, 3]) -> MultiScaleOutput, as
-  `model.apply(..., train=False)` gives for the whole images (exactly so with `overlap >= exact_overlap`)."""
+  """Eval-mode forward pass of `model` window by window: (params, images [B, H, W, 3]) -> MultiScaleOutput of
+  host arrays, what `model.apply(..., train=False)` gives for the whole images (exactly so with `overlap >=
+  exact_overlap`); `upsample` brings fused scores and weights to the images' resolution the same way. The steps
+  run on `devices` (default: JAX's default device), the batch split over them when it divides evenly."""
 
-  def __init__(self, model: MultiScaleNet, tile: int, overlap: int):
+  def __init__(self, model: MultiScaleNet, tile: int, overlap: int, devices: Sequence[jax.Device] | None = None):
     if tile < OUTPUT_STRIDE or not 0 <= overlap < tile:
       raise ValueError(f"TiledForward: tile={tile}, overlap={overlap}: expected tile >= {OUTPUT_STRIDE} and "
                        "0 <= overlap < tile")
     self.model, self.tile, self.overlap = model, tile, overlap
-    self._inputs = jax.jit(functools.partial(model.apply, method=_scale_inputs))
-    self._cut = jax.jit(lambda x, y0, x0: lax.dynamic_slice(x, (0, y0, x0, 0), (x.shape[0], tile, tile, x.shape[3])))
-    self.tile_step = jax.jit(functools.partial(model.apply, method=_backbone))
-    self._fuse = jax.jit(self._stitch_and_fuse, static_argnames="plans")
+    self.window = resize.output_size(tile)  # fusion windows: as many output cells as a tile gives
+    mesh = jax.sharding.Mesh(np.asarray(devices or jax.devices()[:1]), ("batch",))
+    self._replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    self.tile_step = jax.jit(functools.partial(model.apply, method=_tile_forward))
+    self.fuse_step = jax.jit(functools.partial(model.apply, method=_fuse_window))
+    self.upsample_step = jax.jit(_upsample_window)
 
-  def plans(self, height: int, width: int) -> list[tuple[AxisPlan, AxisPlan]]:
-    """Per scale, the tiling of that scale's input."""
-    return [(plan_axis(resize.scaled_size(height, s), self.tile, self.overlap),
-             plan_axis(resize.scaled_size(width, s), self.tile, self.overlap)) for s in self.model.scales]
+  def _batch(self, x: np.ndarray) -> jax.Array:
+    return jax.device_put(x, self._split if x.shape[0] % self._split.mesh.size == 0 else self._replicated)
 
-  def _stitch_and_fuse(self, params: Any, outs: list, plans: tuple) -> MultiScaleOutput:
-    stitched = [(_stitch([[o[0] for o in row] for row in tiles], rows, cols),
-                 _stitch([[o[1] for o in row] for row in tiles], rows, cols))
-                for tiles, (rows, cols) in zip(outs, plans, strict=True)]
-    return self.model.apply({"params": params}, stitched, method=_fuse)
+  def _replicate(self, x: Any) -> Any:
+    """On every device of this forward, from this process's copy (parameters may be global arrays)."""
+    return jax.device_put(jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, x),
+                          self._replicated)
 
-  def __call__(self, params: Any, images: jax.Array) -> MultiScaleOutput:
-    variables = {"params": params}
-    plans = tuple(self.plans(*images.shape[1:3]))
-    outs = []
-    for x, (rows, cols) in zip(self._inputs(variables, images), plans, strict=True):
-      x = jnp.pad(x, ((0, 0), (0, rows.padded - x.shape[1]), (0, cols.padded - x.shape[2]), (0, 0)))
-      outs.append([[self.tile_step(variables, self._cut(x, y0, x0), jnp.asarray((vy, vx), jnp.int32))
-                    for x0, vx in zip(cols.starts, cols.valid, strict=True)]
-                   for y0, vy in zip(rows.starts, rows.valid, strict=True)])
-    return self._fuse(params, outs, plans=plans)
+  def scale_plans(self, height: int, width: int) -> list[tuple[AxisPlan, AxisPlan, Windows, Windows]]:
+    """Per scale: the tiling of that scale's input, and the windows of the image's resize to it that make the
+    tiles."""
+    plans = []
+    for s in self.model.scales:
+      rows = plan_axis(resize.scaled_size(height, s), self.tile, self.overlap)
+      cols = plan_axis(resize.scaled_size(width, s), self.tile, self.overlap)
+      plans.append((rows, cols, resize_windows(rows.length, height, rows.starts, self.tile),
+                    resize_windows(cols.length, width, cols.starts, self.tile)))
+    return plans
+
+  def fusion_windows(self, height: int, width: int) -> list[tuple[Windows, Windows]]:
+    """Per scale: the windows of its output grid's resize to the scale-1 output grid, one-cell halos included."""
+    h, w = resize.output_size(height), resize.output_size(width)
+    return [(resize_windows(h, rows.cells, range(0, h, self.window), self.window, 1, 1),
+             resize_windows(w, cols.cells, range(0, w, self.window), self.window, 1, 1))
+            for rows, cols, _, _ in self.scale_plans(height, width)]
+
+  def __call__(self, params: Any, images: np.ndarray) -> MultiScaleOutput:
+    images = np.asarray(images, np.float32)
+    variables = {"params": self._replicate(params)}
+    maps = [self._backbone_maps(variables, images, *plan) for plan in self.scale_plans(*images.shape[1:3])]
+    return self._fuse_maps(variables, maps, *images.shape[1:3])
+
+  def _backbone_maps(self, variables: Any, images: np.ndarray, rows: AxisPlan, cols: AxisPlan, row_windows: Windows,
+                     col_windows: Windows) -> tuple[np.ndarray, np.ndarray]:
+    """One scale's (scores, features) on its whole output grid, tile by tile."""
+    maps = None
+    for i, (y0, vy) in enumerate(zip(rows.starts, rows.valid, strict=True)):
+      for j, (x0, vx) in enumerate(zip(cols.starts, cols.valid, strict=True)):
+        crop = _crop(images, row_windows.reads[i], col_windows.reads[j], row_windows.span, col_windows.span)
+        outs = jax.device_get(self.tile_step(variables, self._batch(crop), *self._replicate(
+            (row_windows.matrices[i], col_windows.matrices[j], np.asarray((vy, vx), np.int32)))))
+        if maps is None:
+          maps = [np.zeros((images.shape[0], rows.cells, cols.cells, o.shape[-1]), o.dtype) for o in outs]
+        (r0, r1), (c0, c1) = rows.owned[i], cols.owned[j]
+        fy, fx = y0 // OUTPUT_STRIDE, x0 // OUTPUT_STRIDE
+        for whole, o in zip(maps, outs, strict=True):
+          whole[:, r0:r1, c0:c1] = o[:, r0 - fy:r1 - fy, c0 - fx:c1 - fx]
+    return maps[0], maps[1]
+
+  def _fuse_maps(self, variables: Any, maps: Sequence[tuple[np.ndarray, np.ndarray]], height: int, width: int
+                 ) -> MultiScaleOutput:
+    """The fused output on the scale-1 output grid, window by window."""
+    windows = self.fusion_windows(height, width)
+    h, w, t = resize.output_size(height), resize.output_size(width), self.window
+    b, c, s = maps[0][0].shape[0], maps[0][0].shape[-1], len(maps)
+    fused = np.zeros((b, h, w, c), np.float32)
+    weights, per_scale = np.zeros((b, h, w, s), np.float32), np.zeros((b, h, w, s, c), np.float32)
+    for i, r0 in enumerate(range(0, h, t)):
+      for j, c0 in enumerate(range(0, w, t)):
+        crops = tuple(tuple(self._batch(_crop(m, wr.reads[i], wc.reads[j], wr.span, wc.span)) for m in pair)
+                      for pair, (wr, wc) in zip(maps, windows, strict=True))
+        matrices = self._replicate((tuple(wr.matrices[i] for wr, _ in windows),
+                                    tuple(wc.matrices[j] for _, wc in windows)))
+        outs = jax.device_get(self.fuse_step(variables, crops, *matrices))
+        r1, c1 = min(r0 + t, h), min(c0 + t, w)
+        for whole, o in zip((fused, weights, per_scale), outs, strict=True):
+          whole[:, r0:r1, c0:c1] = o[:, :r1 - r0, :c1 - c0]
+    return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights,
+                            own_grid=tuple(scores for scores, _ in maps), scales=tuple(self.model.scales))
+
+  def upsample(self, fused: np.ndarray, weights: np.ndarray, height: int, width: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [B, H, W], weights [B, H, W, S]) at the images' resolution from fused scores and weights on the
+    output grid, in windows of `tile` pixels: `inference.predict_labels` without the CRF, and
+    `inference.to_input_size`."""
+    rows = resize_windows(height, fused.shape[1], range(0, height, self.tile), self.tile)
+    cols = resize_windows(width, fused.shape[2], range(0, width, self.tile), self.tile)
+    b = fused.shape[0]
+    labels = np.zeros((b, height, width), np.int32)
+    full = np.zeros((b, height, width, weights.shape[-1]), np.float32)
+    for i, y0 in enumerate(rows.starts):
+      for j, x0 in enumerate(cols.starts):
+        crops = [self._batch(_crop(np.asarray(m), rows.reads[i], cols.reads[j], rows.span, cols.span))
+                 for m in (fused, weights)]
+        outs = jax.device_get(self.upsample_step(*crops, *self._replicate((rows.matrices[i], cols.matrices[j]))))
+        y1, x1 = min(y0 + self.tile, height), min(x0 + self.tile, width)
+        for whole, o in zip((labels, full), outs, strict=True):
+          whole[:, y0:y1, x0:x1] = o[:, :y1 - y0, :x1 - x0]
+    return labels, full
+
+  def _tile_args(self, params: Any, batch: int, row_windows: Windows, col_windows: Windows) -> tuple:
+    struct = jax.ShapeDtypeStruct
+    return ({"params": params}, struct((batch, row_windows.span, col_windows.span, 3), jnp.float32),
+            struct(row_windows.matrices.shape[1:], jnp.float32), struct(col_windows.matrices.shape[1:], jnp.float32),
+            struct((2,), jnp.int32))
 
   def program_bytes(self, params: Any, batch: int, height: int, width: int) -> dict[str, int]:
-    """XLA's buffer assignment of the two programs for `batch` images of height x width, compiled from shapes (not
-    run): the tile step (the same for any image size) and the stitching and fusion, whose arguments are every
-    tile's outputs (what the tiled pass holds between the two)."""
-    plans = tuple(self.plans(height, width))
-    variables = {"params": params}
-    tiles = jax.ShapeDtypeStruct((batch, self.tile, self.tile, 3), jnp.float32)
-    valid = jax.ShapeDtypeStruct((2,), jnp.int32)
-    step = self.tile_step.lower(variables, tiles, valid).compile()
-    out = jax.eval_shape(self.tile_step, variables, tiles, valid)
-    outs = [[[out] * len(cols.starts) for _ in rows.starts] for rows, cols in plans]
-    fuse = self._fuse.lower(params, outs, plans=plans).compile()
-    return {"tile_step": memory_analysis(step)["total_bytes"], "stitch_and_fuse": memory_analysis(fuse)["total_bytes"]}
+    """XLA's buffer assignment of the three steps for `batch` images of height x width, compiled from shapes (not
+    run): the tile step (the largest over the scales), the fusion window and the upsampling window. None of them
+    grows with the image."""
+    struct = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    measured, channels = {"tile_step": 0}, []
+    for _, _, wr, wc in self.scale_plans(height, width):
+      args = self._tile_args(params, batch, wr, wc)
+      step = memory_analysis(self.tile_step.lower(*args).compile())["total_bytes"]
+      measured["tile_step"] = max(measured["tile_step"], step)
+      channels.append(tuple(o.shape[-1] for o in jax.eval_shape(self.tile_step, *args)))
+    windows = self.fusion_windows(height, width)
+    crops = tuple(tuple(struct((batch, wr.span, wc.span, n)) for n in pair)
+                  for pair, (wr, wc) in zip(channels, windows, strict=True))
+    fuse = self.fuse_step.lower({"params": params}, crops, tuple(struct(wr.matrices.shape[1:]) for wr, _ in windows),
+                                tuple(struct(wc.matrices.shape[1:]) for _, wc in windows)).compile()
+    measured["fuse_window"] = memory_analysis(fuse)["total_bytes"]
+    h, w = resize.output_size(height), resize.output_size(width)
+    rows = resize_windows(height, h, range(0, height, self.tile), self.tile)
+    cols = resize_windows(width, w, range(0, width, self.tile), self.tile)
+    up = self.upsample_step.lower(struct((batch, rows.span, cols.span, channels[0][0])),
+                                  struct((batch, rows.span, cols.span, len(channels))),
+                                  struct(rows.matrices.shape[1:]), struct(cols.matrices.shape[1:])).compile()
+    measured["upsample_window"] = memory_analysis(up)["total_bytes"]
+    return measured
+
+  def host_bytes(self, params: Any, batch: int, height: int, width: int) -> int:
+    """Host memory of the maps held between the steps: every scale's scores and features, the fused outputs, and
+    the labels and weights at the images' resolution (float32 and int32)."""
+    cells = 0
+    for rows, cols, wr, wc in self.scale_plans(height, width):
+      scores, feats = jax.eval_shape(self.tile_step, *self._tile_args(params, batch, wr, wc))
+      cells += rows.cells * cols.cells * (scores.shape[-1] + feats.shape[-1])
+    s, c = len(self.model.scales), scores.shape[-1]
+    cells += resize.output_size(height) * resize.output_size(width) * (c + s + s * c)
+    return 4 * batch * (cells + height * width * (1 + s))
 
 
 def tiled_bytes(model: MultiScaleNet, params: Any, batch: int, tile: int, overlap: int, size: int) -> int:
-  """The larger of the tiled pass's two programs on size x size images (`TiledForward.program_bytes`)."""
+  """The largest of the tiled pass's programs on size x size images (`TiledForward.program_bytes`)."""
   return max(TiledForward(model, tile, min(overlap, tile // 2)).program_bytes(params, batch, size, size).values())
 
 

@@ -67,7 +67,8 @@ def test_export_rejects_params_of_another_model(tmp_path):
   path = tmp_path / "model.msgpack"
   with pytest.raises(ValueError, match="model.msgpack: parameters do not match config.model") as e:
     export.export_model(str(path), params, config)
-  assert "backbone/fc6/kernel: config expects (3, 3, 8, 32), got (3, 3, 8, 16)" in str(e.value)
+  k = config.model.backbone.fc6_kernel
+  assert f"backbone/fc6/kernel: config expects ({k}, {k}, 8, 32), got ({k}, {k}, 8, 16)" in str(e.value)
   assert not path.exists()
 
 

@@ -48,27 +48,40 @@ def _compare(model, images, tile, overlap, seed=0):
   return whole, tiled
 
 
-@pytest.mark.parametrize("fusion", ["attention", "hierarchical", "average", "max"])
-def test_tiled_equals_whole_when_the_overlap_covers_the_receptive_field(fusion):
-  model, cfg = _model(fusion)
+@pytest.mark.parametrize("fusion, scales", [("attention", (1.0, 0.75, 0.5)), ("hierarchical", (1.0, 0.75, 0.5)),
+                                            ("shared_attention", (1.5, 1.0, 0.5)), ("average", (1.0, 0.75, 0.5)),
+                                            ("max", (1.0, 0.75, 0.5))])
+def test_tiled_equals_whole_when_the_overlap_covers_the_receptive_field(fusion, scales):
+  """Several tiles per scale and several fusion windows (17 x 17 cells for 129-pixel tiles) per image."""
+  model, cfg = _model(fusion, scales)
   images = np.random.default_rng(0).normal(0, 1, (2, 150, 203, 3)).astype(np.float32)
   overlap = tiling.exact_overlap(cfg.backbone)
-  assert overlap == 112
+  assert overlap == 112  # twice the radius, 54
   whole, tiled = _compare(model, images, 129, overlap)
   assert len(tiling.plan_axis(203, 129, overlap).starts) > 2  # several tiles per row
+  assert resize.output_size(150) > tiling.TiledForward(model, 129, overlap).window  # several fusion windows
   for a, b in ((whole.fused, tiled.fused), (whole.weights, tiled.weights), (whole.per_scale, tiled.per_scale)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
   if fusion in ("attention", "hierarchical"):
     assert np.asarray(whole.weights).std() > 0.01
 
 
-def test_with_a_short_overlap_only_cells_near_tile_edges_differ():
-  """Stated bound: a cell of the one-scale model whose receptive field (54 px each side) lies inside the tile that
-  owns it, or reaches past the image's own edge only, is exact; the others may differ."""
-  model, cfg = _model(scales=(1.0,))
+@pytest.mark.parametrize("fc6_kernel, stride1_pools, radius", [
+    (3, True, 1 + 1 + 2 + 2 + 4 + 4 + 8 + 8 + 8 + 8 + 8),  # conv1 + pool1, conv2 + pool2, ..., conv5 + pool5, fc6
+    (1, False, 1 + 1 + 2 + 2 + 4 + 4 + 8 + 8),  # no pool4 or pool5; a 1x1 fc6 adds nothing
+])
+def test_with_a_short_overlap_only_cells_near_tile_edges_differ(fc6_kernel, stride1_pools, radius):
+  """Stated bound: a cell of the one-scale model whose receptive field (`radius` px each side, written out layer by
+  layer) lies inside the tile that owns it, or reaches past the image's own edge only, is exact; the others may
+  differ."""
+  cfg = shapes.get_config("smoke").model
+  cfg.scales, cfg.backbone.fc6_kernel, cfg.backbone.stride1_pools = (1.0,), fc6_kernel, stride1_pools
+  model = build_model(cfg)
   images = np.random.default_rng(1).normal(0, 1, (1, 97, 201, 3)).astype(np.float32)
   whole, tiled = _compare(model, images, 65, 16)
-  radius = receptive_radius(cfg.backbone.block_depths, cfg.backbone.conv5_dilation, cfg.backbone.fc6_dilation)
+  assert receptive_radius(cfg.backbone.block_depths, cfg.backbone.conv5_dilation, cfg.backbone.fc6_dilation,
+                          fc6_kernel, stride1_pools) == radius
+  assert tiling.exact_overlap(cfg.backbone) == -(-2 * radius // 8) * 8
 
   def exact_cells(length):
     plan = tiling.plan_axis(length, 65, 16)
@@ -83,6 +96,35 @@ def test_with_a_short_overlap_only_cells_near_tile_edges_differ():
   assert exact.any() and (~exact).any()
   np.testing.assert_allclose(diff[exact], 0.0, atol=1e-5)
   assert diff[~exact].max() > 1e-3  # the bound is not vacuous: tile edges do change those cells
+
+
+@pytest.mark.parametrize("n_out, n_in, size, halo, margin", [(65, 9, 17, 1, 1), (9, 65, 4, 0, 0), (33, 33, 17, 1, 1),
+                                                              (1, 5, 8, 0, 0), (40, 1, 16, 1, 1), (513, 65, 129, 0, 0)])
+def test_resize_windows_compose_the_whole_resize(n_out, n_in, size, halo, margin):
+  """Each window's matrix on the input positions it reads (zero outside the input) gives the whole resize's output
+  positions it covers (zero outside the output), against the NumPy align-corners reference."""
+  x = np.random.default_rng(4).normal(size=(1, n_in, 1, 2))
+  whole = ref.bilinear(x, (n_out, 1))[0, :, 0]
+  windows = tiling.resize_windows(n_out, n_in, range(0, n_out, size), size, halo, margin)
+  assert windows.span % 8 == 0
+  padded = np.pad(whole, ((halo, size + halo), (0, 0)))
+  for start, read, matrix in zip(windows.starts, windows.reads, windows.matrices, strict=True):
+    crop = np.zeros((windows.span, 2))
+    lo, hi = max(read, 0), min(read + windows.span, n_in)
+    crop[lo - read:hi - read] = x[0, lo:hi, 0]
+    np.testing.assert_allclose(matrix @ crop, padded[start:start + size + 2 * halo], atol=1e-6)
+    assert not matrix[:, :margin].any() and not matrix[:, windows.span - margin:].any()  # margins only read
+
+
+def test_tiled_upsampling_equals_the_whole_images():
+  """Labels and weights at the image's resolution, window by window, against the NumPy reference's upsampling."""
+  model, _ = _model()
+  rng = np.random.default_rng(5)
+  fused, weights = rng.normal(size=(2, 13, 20, 5)), rng.uniform(size=(2, 13, 20, 3))
+  labels, full = tiling.TiledForward(model, 33, 8).upsample(fused.astype(np.float32), weights.astype(np.float32),
+                                                            97, 153)
+  np.testing.assert_array_equal(labels, ref.bilinear(fused, (97, 153)).argmax(-1))
+  np.testing.assert_allclose(full, ref.bilinear(weights, (97, 153)), atol=1e-5)
 
 
 @pytest.mark.parametrize("height, width", [(1, 300), (300, 1), (20, 30), (1023, 2047)])
@@ -118,17 +160,22 @@ def test_memory_budget_picks_the_largest_fitting_tile_by_bisection():
 
 
 def test_memory_budget_with_compiled_steps():
-  """Real compiled programs of the smoke model: the tile step's bytes grow with the tile's area and not with the
-  image, the stitching's with the image; a budget between two candidates' needs picks the smaller; a tile_size over
-  the budget is a ConfigError naming what fits."""
+  """Real compiled programs of the smoke model: the tile step's bytes grow with the tile and not with the image, and
+  no program grows once the image spans a few windows (the maps between them are host memory, which does); a
+  budget between two candidates' needs picks the smaller; a tile_size over the budget is a ConfigError naming what
+  fits."""
   model, _ = _model()
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 33, 33, 3), np.float32),
                                              train=False))["params"]
-  steps = {(t, n): tiling.TiledForward(model, t, 32).program_bytes(params, 1, n, n) for t, n in
-           ((129, 257), (257, 257), (129, 513))}
-  assert 3 < steps[257, 257]["tile_step"] / steps[129, 257]["tile_step"] < 5
+  forwards = {t: tiling.TiledForward(model, t, 32) for t in (129, 257)}
+  steps = {(t, n): forwards[t].program_bytes(params, 1, n, n) for t, n in ((129, 257), (257, 257), (129, 513),
+                                                                          (129, 1025))}
+  assert set(steps[129, 257]) == {"tile_step", "fuse_window", "upsample_window"}
+  assert steps[257, 257]["tile_step"] > 1.2 * steps[129, 257]["tile_step"]
   assert steps[129, 513]["tile_step"] == steps[129, 257]["tile_step"]
-  assert steps[129, 513]["stitch_and_fuse"] > 2 * steps[129, 257]["stitch_and_fuse"]
+  assert steps[129, 1025] == steps[129, 513]
+  host = [forwards[129].host_bytes(params, 1, n, n) for n in (513, 1025)]
+  assert 3.5 < host[1] / host[0] < 4.5
   small, large = (tiling.tiled_bytes(model, params, 1, t, 32, 257) for t in (129, 257))
   assert large > small > 0
   cfg = shapes.get_config("smoke").eval

@@ -61,6 +61,13 @@ SCALE_AGNOSTIC = ("shared_attention", "hierarchical", "average", "max")
 PARAMETER_FREE = ("average", "max")
 
 
+ToGrid = Callable[[jax.Array], jax.Array]
+
+
+def _resizer(grid: tuple[int, int]) -> ToGrid:
+  return lambda x: resize_bilinear(x, grid)
+
+
 def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
   """out[:, i, j] = x[:, i + dy, j + dx], zero where that falls outside x."""
   h, w = x.shape[1:3]
@@ -69,17 +76,18 @@ def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
 
 
 class _ConcatConv3x3(nn.Module):
-  """3x3 'SAME' conv of the per-scale feature maps concatenated on channels, each map resized to `grid` first.
+  """3x3 'SAME' conv of the per-scale feature maps concatenated on channels, each map brought to `grid` first.
 
   Parameters as nn.Conv(features, (3, 3)) over S * D channels. A map already on the grid goes through one
-  convolution with its block of the kernel; a smaller map is projected per tap at its own resolution, then
-  resized and shifted into place.
+  convolution with its block of the kernel; another is projected per tap at its own resolution, then brought to
+  the grid (`to_grid`, default the bilinear resize) and shifted into place.
   """
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, maps: Sequence[jax.Array], grid: tuple[int, int]) -> jax.Array:
+  def __call__(self, maps: Sequence[jax.Array], grid: tuple[int, int],
+               to_grid: Sequence[ToGrid] | None = None) -> jax.Array:
     d = maps[0].shape[-1]
     kernel = self.param("kernel", nn.initializers.normal(0.005), (3, 3, len(maps) * d, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -88,13 +96,13 @@ class _ConcatConv3x3(nn.Module):
     for i, x in enumerate(maps):
       block = kernel[:, :, i * d:(i + 1) * d]
       x = x.astype(self.dtype)
-      if x.shape[1:3] == tuple(grid):
+      if to_grid is None and x.shape[1:3] == tuple(grid):
         out = out + lax.conv_general_dilated(x, block, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         continue
+      bring = _resizer(grid) if to_grid is None else to_grid[i]
       for ky in range(3):
         for kx in range(3):
-          projected = resize_bilinear(jnp.einsum("bhwd,do->bhwo", x, block[ky, kx]), grid)
-          out = out + _shift(projected, ky - 1, kx - 1)
+          out = out + _shift(bring(jnp.einsum("bhwd,do->bhwo", x, block[ky, kx])), ky - 1, kx - 1)
     return out
 
 
@@ -113,11 +121,14 @@ class ScaleFusion(nn.Module):
 
   @nn.compact
   def __call__(self, scores: jax.Array, features: jax.Array | Sequence[jax.Array], *, train: bool,
-               scales: Sequence[float] | None = None) -> tuple[jax.Array, jax.Array]:
+               scales: Sequence[float] | None = None, to_grid: Sequence[ToGrid] | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """scores [B, H, W, S, C]; features [B, H, W, S, D] on the same grid, or a sequence of S maps [B, h_s, w_s, D]
     at the scales' own resolutions (the heads bring them to the grid; 'average' and 'max' ignore them).
     scales: the scale of each entry on the S axis; 'hierarchical' combines them from the highest down (default:
-    the S axis is ordered from the highest scale to the lowest)."""
+    the S axis is ordered from the highest scale to the lowest). to_grid: per map, how a map at its resolution is
+    brought to the grid (default: the bilinear resize of the whole map; tiled inference passes the slice of that
+    resize landing in a window)."""
     if self.method not in METHODS:
       raise ValueError(f"ScaleFusion.method={self.method!r}: expected one of {METHODS}")
     if self.method == "attention" and self.num_scales is None:
@@ -146,29 +157,32 @@ class ScaleFusion(nn.Module):
     logits = nn.Conv(s if self.method == "attention" else 1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                      name="logits", kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
 
-    def head(inputs: Sequence[jax.Array], grid: tuple[int, int]) -> jax.Array:
-      return logits(dropout(nn.relu(hidden(inputs, grid)))).astype(jnp.float32)
+    def head(inputs: Sequence[jax.Array], grid: tuple[int, int], bring: Sequence[ToGrid] | None) -> jax.Array:
+      return logits(dropout(nn.relu(hidden(inputs, grid, bring)))).astype(jnp.float32)
 
     if self.method == "hierarchical":
-      return self._hierarchical(scores, maps, scales, lambda m: head([m], m.shape[1:3]))
+      return self._hierarchical(scores, maps, scales, lambda m: head([m], m.shape[1:3], None), to_grid)
     if self.method == "attention":
-      h_logits = head(maps, (h, w))
+      h_logits = head(maps, (h, w), to_grid)
     else:  # shared_attention
-      h_logits = jnp.concatenate([head([m], (h, w)) for m in maps], axis=-1)
+      h_logits = jnp.concatenate([head([m], (h, w), None if to_grid is None else [to_grid[i]])
+                                  for i, m in enumerate(maps)], axis=-1)
     weights = jax.nn.softmax(h_logits, axis=-1).astype(scores.dtype)
     return jnp.einsum("bhws,bhwsc->bhwc", weights, scores), weights
 
   @staticmethod
   def _hierarchical(scores: jax.Array, maps: Sequence[jax.Array], scales: Sequence[float] | None,
-                    attention_logit: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Tao et al.'s pairwise combination from the highest scale down, and the per-scale weights it amounts to."""
+                    attention_logit: Callable[[jax.Array], jax.Array], to_grid: Sequence[ToGrid] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """Tao et al.'s pairwise combination from the highest scale down, and the per-scale weights it amounts to
+    (each attention map brought to the scores' grid by `to_grid`, default the bilinear resize)."""
     s = scores.shape[3]
+    to_grid = [_resizer(scores.shape[1:3])] * s if to_grid is None else to_grid
     order = sorted(range(s), key=lambda i: -scales[i]) if scales is not None else list(range(s))
-    grid = scores.shape[1:3]
     fused = scores[:, :, :, order[0]]
     weights = jnp.zeros(scores.shape[:4], jnp.float32).at[..., order[0]].set(1.0)
     for i in order[1:]:
-      a = resize_bilinear(jax.nn.sigmoid(attention_logit(maps[i])), grid)  # [B, H, W, 1], as Tao et al.
+      a = to_grid[i](jax.nn.sigmoid(attention_logit(maps[i])))  # [B, H, W, 1], as Tao et al.
       fused = a.astype(scores.dtype) * scores[:, :, :, i] + (1 - a).astype(scores.dtype) * fused
       weights = (1 - a) * weights
       weights = weights.at[..., i].add(a[..., 0])

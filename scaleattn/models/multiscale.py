@@ -2,7 +2,8 @@
 
 `MultiScaleNet` takes the backbone and the fusion as modules (`registry.build_model` makes them from the config):
 any backbone mapping (images [B, H, W, 3], train, valid_size) to (scores, features) at output stride 8, and any
-fusion mapping (scores [B, h, w, S, C], per-scale features, train, scales) to (fused scores, weights [B, h, w, S]).
+fusion mapping (scores [B, h, w, S, C], per-scale features, train, scales) to (fused scores, weights [B, h, w, S])
+(tiled inference also passes `to_grid`, as `ScaleFusion` takes it).
 
 Two ways to run the scales, chosen by `scale_execution`, with the same parameters and the same results:
 'loop' runs each scale at its own size through the one backbone; 'vmap' pads every scale onto the scale-1
@@ -11,7 +12,7 @@ costs as much as scale 1).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -96,15 +97,19 @@ class MultiScaleNet(nn.Module):
     return [resize.resize_bilinear(images, (resize.scaled_size(height, s), resize.scaled_size(width, s)))
             for s in self.scales]
 
-  def fuse(self, outs: Sequence[tuple[jax.Array, jax.Array]], *, train: bool) -> MultiScaleOutput:
-    """Every scale's (scores, features) on its own output grid -> the output on scale 1's grid (tiled inference
-    stitches `outs` tile by tile and calls this)."""
+  def fuse(self, outs: Sequence[tuple[jax.Array, jax.Array]], *, train: bool, grid: tuple[int, int] | None = None,
+           to_grid: Sequence[Callable[[jax.Array], jax.Array]] | None = None) -> MultiScaleOutput:
+    """Every scale's (scores, features) on its own output grid -> the output on the common grid: scale 1's output
+    grid, or `grid` with `to_grid` (per scale, how its maps are brought there; tiled inference fuses window by
+    window with the slices of the resizes that land in each)."""
     scales = tuple(float(s) for s in self.scales)
-    grid = outs[scales.index(1.0)][0].shape[1:3]
-    per_scale = jnp.stack([resize.resize_bilinear(scores, grid) for scores, _ in outs], axis=3)
+    grid = outs[scales.index(1.0)][0].shape[1:3] if grid is None else grid
+    bring = [lambda x: resize.resize_bilinear(x, grid)] * len(outs) if to_grid is None else to_grid
+    per_scale = jnp.stack([b(scores) for b, (scores, _) in zip(bring, outs, strict=True)], axis=3)
     own_grid = tuple(scores for scores, _ in outs)
     if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse
-      return MultiScaleOutput(fused=own_grid[0], per_scale=per_scale, weights=jnp.ones(per_scale.shape[:4],
-                              per_scale.dtype), own_grid=own_grid, scales=scales)
-    fused, weights = self.fusion(per_scale, [feats for _, feats in outs], train=train, scales=scales)
+      return MultiScaleOutput(fused=per_scale[:, :, :, 0], per_scale=per_scale, weights=jnp.ones(
+          per_scale.shape[:4], per_scale.dtype), own_grid=own_grid, scales=scales)
+    fused, weights = self.fusion(per_scale, [feats for _, feats in outs], train=train, scales=scales,
+                                 **({} if to_grid is None else {"to_grid": to_grid}))
     return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights, own_grid=own_grid, scales=scales)

@@ -31,17 +31,23 @@ def output_size(n: int) -> int:
   return n
 
 
+def interpolation_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per output position, at align-corners position i * (n_in - 1) / (n_out - 1): its first input tap and the
+  second tap's weight (the first has 1 minus it; the second tap is the next input position)."""
+  if n_in == 1 or n_out == 1:
+    return np.zeros(n_out, int), np.zeros(n_out, np.float32)
+  pos = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+  lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+  return lo, (pos - lo).astype(np.float32)
+
+
 def interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
   """[n_out, n_in] bilinear weights at align-corners positions i * (n_in - 1) / (n_out - 1)."""
   m = np.zeros((n_out, n_in), np.float32)
-  if n_in == 1 or n_out == 1:
-    m[:, 0] = 1.0
-    return m
-  pos = np.arange(n_out) * (n_in - 1) / (n_out - 1)
-  lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
-  frac = (pos - lo).astype(np.float32)
+  lo, frac = interpolation_taps(n_out, n_in)
   m[np.arange(n_out), lo] = 1.0 - frac
-  m[np.arange(n_out), lo + 1] += frac
+  if n_in > 1:
+    m[np.arange(n_out), lo + 1] += frac
   return m
 
 
@@ -50,9 +56,12 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   h, w = size
   if x.shape[1:3] == (h, w):
     return x
-  rows = jnp.asarray(interpolation_matrix(h, x.shape[1]), x.dtype)
-  cols = jnp.asarray(interpolation_matrix(w, x.shape[2]), x.dtype)
-  return jnp.einsum("hH,bHW...,wW->bhw...", rows, x, cols)
+  return apply_matrices(x, interpolation_matrix(h, x.shape[1]), interpolation_matrix(w, x.shape[2]))
+
+
+def apply_matrices(x: jax.Array, rows: jax.Array | np.ndarray, cols: jax.Array | np.ndarray) -> jax.Array:
+  """[B, H, W, ...] -> [B, h, w, ...] with interpolation matrices rows [h, H] and cols [w, W], in x's dtype."""
+  return jnp.einsum("hH,bHW...,wW->bhw...", jnp.asarray(rows, x.dtype), x, jnp.asarray(cols, x.dtype))
 
 
 def nearest_indices(n_out: int, n_in: int) -> np.ndarray:

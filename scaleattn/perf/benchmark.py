@@ -174,9 +174,11 @@ def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> Runner:
   return Runner(lambda: jax.block_until_ready(compiled(params, batch)), compiled, compile_s, exp.mesh.size)
 
 
-def inference_runner(config: ml_collections.ConfigDict, height: int, width: int, tile: int) -> tuple[Runner, dict]:
+def inference_runner(config: ml_collections.ConfigDict, height: int, width: int, tile: int
+                     ) -> tuple[Runner, dict, int]:
   """Prediction of one random height x width image, whole at its own size (tile 0: `predict.full_resolution`) or
-  tiled as `predict.Predictor` tiles; and XLA's bytes for each of its compiled programs."""
+  tiled as `predict.Predictor` tiles; XLA's bytes for each of its compiled programs, and the host bytes the tiled
+  pass holds between them (0 for whole images)."""
   exp = build_experiment(config)
   params = exp.init_state(jax.random.key(0)).params
   image = np.random.default_rng(0).normal(0, 50, (1, height, width, 3)).astype(np.float32)
@@ -185,31 +187,29 @@ def inference_runner(config: ml_collections.ConfigDict, height: int, width: int,
   if not tile:
     compiled = predict.full_resolution.lower(params, image, valid, exp=exp).compile()
     return (Runner(lambda: jax.block_until_ready(compiled(params, image, valid)), compiled, time.perf_counter() - t,
-                   1), {"whole": memory_analysis(compiled)["total_bytes"]})
+                   1), {"whole": memory_analysis(compiled)["total_bytes"]}, 0)
   forward = tiling.TiledForward(exp.eval_model, tile, config.eval.tile_overlap)
-  finish = jax.jit(functools.partial(predict.at_input_size, exp=exp))
 
   def run() -> None:
     out = inference.predict_scores(params, image, exp=exp, flip=config.eval.flip, forward=forward)
-    jax.block_until_ready(finish(out.fused, out.weights, image, valid))
+    forward.upsample(out.fused, out.weights, height, width)
 
   programs = forward.program_bytes(params, 1, height, width)
-  out = jax.eval_shape(lambda p: inference.predict_scores(p, image, exp=exp, flip=False, forward=forward), params)
-  programs["upsample"] = memory_analysis(finish.lower(out.fused, out.weights, image, valid).compile())["total_bytes"]
-  run()  # compiles the tile step and the fusion for this size
-  return Runner(run, forward.tile_step, time.perf_counter() - t, 1), programs
+  run()  # compiles the three steps
+  return Runner(run, forward.tile_step, time.perf_counter() - t, 1), programs, forward.host_bytes(params, 1, height,
+                                                                                                   width)
 
 
 def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list[dict]:
   """Whole against tiled prediction per image size: images/s (median of --steps calls) and XLA's bytes of each
-  compiled program (the largest is recorded as the peak: the programs run one after another, and the stitching's
-  arguments are the tiles' outputs held between them); the device's own peak since the process started where it
-  keeps one; and the tile each budget chooses."""
+  compiled program (the largest is recorded as the peak: the programs run one after another, and what the tiled
+  pass keeps between them is in host memory, recorded beside); the device's own peak since the process started
+  where it keeps one; and the tile each budget chooses."""
   cases = []
   for size in FLAGS.inference_sizes:
     height, width = (int(n) for n in size.split("x"))
     for tile in map(int, FLAGS.tile_sizes):
-      runner, programs = inference_runner(base, height, width, tile)
+      runner, programs, host_bytes = inference_runner(base, height, width, tile)
       times = call_times(runner.run, FLAGS.steps, warmup=0)
       case = {"name": f"predict-{size}-" + (f"tile{tile}" if tile else "whole"), "kind": "predict",
               "image_size": [height, width], "tile_size": tile,
@@ -218,6 +218,7 @@ def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list
               "compile_s": runner.compile_s, "median_s": float(np.median(times)), "calls": len(times),
               "images_per_s": 1 / float(np.median(times)), "program_bytes": programs,
               "peak_memory_bytes": max(programs.values()), "peak_memory_source": "xla_buffer_assignment",
+              "host_bytes_held": host_bytes,
               **({"device_peak_bytes_since_start": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in (
                   stats := jax.devices()[0].memory_stats() or {}) else {})}
       print(json.dumps(case), flush=True)
