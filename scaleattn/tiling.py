@@ -262,13 +262,17 @@ class TiledForward:
     return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights,
                             own_grid=tuple(scores for scores, _ in maps), scales=tuple(self.model.scales))
 
+  def upsample_windows(self, height: int, width: int) -> tuple[Windows, Windows]:
+    """The windows of the output grid's resize to the images' height x width, `tile` pixels each."""
+    return (resize_windows(height, resize.output_size(height), range(0, height, self.tile), self.tile),
+            resize_windows(width, resize.output_size(width), range(0, width, self.tile), self.tile))
+
   def upsample(self, fused: np.ndarray, weights: np.ndarray, height: int, width: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """(labels [B, H, W], weights [B, H, W, S]) at the images' resolution from fused scores and weights on the
     output grid, in windows of `tile` pixels: `inference.predict_labels` without the CRF, and
     `inference.to_input_size`."""
-    rows = resize_windows(height, fused.shape[1], range(0, height, self.tile), self.tile)
-    cols = resize_windows(width, fused.shape[2], range(0, width, self.tile), self.tile)
+    rows, cols = self.upsample_windows(height, width)
     b = fused.shape[0]
     labels = np.zeros((b, height, width), np.int32)
     full = np.zeros((b, height, width, weights.shape[-1]), np.float32)
@@ -305,9 +309,7 @@ class TiledForward:
     fuse = self.fuse_step.lower({"params": params}, crops, tuple(struct(wr.matrices.shape[1:]) for wr, _ in windows),
                                 tuple(struct(wc.matrices.shape[1:]) for _, wc in windows)).compile()
     measured["fuse_window"] = memory_analysis(fuse)["total_bytes"]
-    h, w = resize.output_size(height), resize.output_size(width)
-    rows = resize_windows(height, h, range(0, height, self.tile), self.tile)
-    cols = resize_windows(width, w, range(0, width, self.tile), self.tile)
+    rows, cols = self.upsample_windows(height, width)
     up = self.upsample_step.lower(struct((batch, rows.span, cols.span, channels[0][0])),
                                   struct((batch, rows.span, cols.span, len(channels))),
                                   struct(rows.matrices.shape[1:]), struct(cols.matrices.shape[1:])).compile()
