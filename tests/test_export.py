@@ -82,12 +82,12 @@ def test_load_rejects_other_files(tmp_path):
 
 
 def test_version_1_files_are_read_into_todays_config_layout(tmp_path):
-  """A version-1 file: the config as runs wrote it before the model had backbone and fusion sub-configs (here the
-  recorded ablation grid's, launch/results/ablation.json), with that model's parameters."""
+  """A version-1 file: the config as runs wrote it before the model had backbone and fusion sub-configs (the Table-1
+  grid's config as recorded then, kept in tests/fixtures/config_v1.json), with that model's parameters."""
   import json  # noqa: PLC0415
 
   from flax import serialization  # noqa: PLC0415
-  old = json.load(open(os.path.join(REPO, "launch", "results", "ablation.json")))["config"]
+  old = json.load(open(os.path.join(REPO, "tests", "fixtures", "config_v1.json")))
   assert old["model"]["fusion"] == "attention" and "block_widths" in old["model"]
   config = export.upgrade_config(json.loads(json.dumps(old)))
   params = random_like(jax.eval_shape(lambda: build_model(export.config_from_json(json.dumps(config)).model).init(
