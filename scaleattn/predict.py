@@ -135,21 +135,22 @@ class EvalExample(NamedTuple):
 
 def eval_examples(exp: Experiment, params: Any, batch: dict[str, np.ndarray], num_examples: int
                   ) -> list[EvalExample]:
-  """The first `num_examples` rows of an evaluation batch that are not padding, predicted in one call on this
-  process alone (the parameters are copied to the host), so one process may call it in a multi-process run."""
-  n = min(num_examples, len(batch["image"]))
-  pred, weights = jax.device_get(full_resolution(jax.device_get(params), batch["image"][:n], batch["mask"][:n],
-                                                 exp=exp))
+  """The first `num_examples` rows of an evaluation batch that are not padding, each cropped to its real pixels and
+  predicted as `Predictor` predicts an image file (tiled where config.eval asks for tiles, so the panels fit the
+  device whenever evaluation does), on this process alone: the parameters are copied to the host, so one process
+  may call it in a multi-process run."""
+  predictor = Predictor(exp, jax.device_get(params))
   mean = np.asarray(exp.config.input.mean_rgb, np.float32)
   examples = []
-  for i in range(n):
+  for i in range(min(num_examples, len(batch["image"]))):
     rows, cols = np.nonzero(batch["mask"][i])
     if not len(rows):
       continue
     h, w = rows.max() + 1, cols.max() + 1
-    examples.append(EvalExample(i, np.clip(batch["image"][i, :h, :w] + mean, 0, 255).astype(np.uint8),
-                                batch["label"][i, :h, :w].astype(np.uint8), pred[i, :h, :w].astype(np.uint8),
-                                weights[i, :h, :w]))
+    image = batch["image"][i, :h, :w]
+    pred, weights = predictor(image[None], batch["mask"][i:i + 1, :h, :w])
+    examples.append(EvalExample(i, np.clip(image + mean, 0, 255).astype(np.uint8),
+                                batch["label"][i, :h, :w].astype(np.uint8), pred[0].astype(np.uint8), weights[0]))
   return examples
 
 

@@ -188,3 +188,32 @@ def test_eval_examples_are_cropped_rows_of_the_batch_and_become_panels():
   assert sorted(panels) == ["validation/example_000", "validation/example_002"]
   for panel in panels.values():
     assert panel.dtype == np.uint8 and panel.ndim == 4 and panel.shape[0] == 1 and panel.shape[-1] == 3
+
+
+def test_eval_examples_run_tiled_where_evaluation_does(monkeypatch):
+  """With config.eval.tile_size set, the panels' predictions take the tiled path too (a device that needs tiles for
+  evaluation would not hold the whole image for its panels), each example as `--mode=predict` would predict it."""
+  import jax  # noqa: PLC0415
+
+  from configs import shapes  # noqa: PLC0415
+  from scaleattn import predict, tiling  # noqa: PLC0415
+  from scaleattn.state import build_experiment  # noqa: PLC0415
+  config = shapes.get_config("smoke")
+  config.eval.tile_size, config.eval.tile_overlap = 49, 24
+  exp = build_experiment(config)
+  params = exp.init_state(jax.random.key(0)).params
+  size = config.input.eval_size
+  batch = {"image": np.random.default_rng(1).normal(0, 60, (2, size, size, 3)).astype(np.float32),
+           "label": np.zeros((2, size, size), np.int32), "mask": np.zeros((2, size, size), bool)}
+  batch["mask"][0, :60, :75] = True
+  batch["mask"][1] = True
+  upsampled = []
+  upsample = tiling.TiledForward.upsample
+  monkeypatch.setattr(tiling.TiledForward, "upsample", lambda self, *a: upsampled.append(a[2:]) or upsample(self, *a))
+  examples = predict.eval_examples(exp, params, batch, 2)
+  assert upsampled == [(60, 75), (size, size)]  # one tiled pass per example, at its real size
+  assert examples[0].prediction.shape == (60, 75) and examples[0].weights.shape == (60, 75, 2)
+  np.testing.assert_allclose(examples[1].weights.sum(-1), 1.0, atol=1e-5)
+  pred, weights = predict.Predictor(exp, params)(batch["image"][:1, :60, :75], batch["mask"][:1, :60, :75])
+  np.testing.assert_array_equal(examples[0].prediction, pred[0])
+  np.testing.assert_allclose(examples[0].weights, weights[0], atol=1e-6)
