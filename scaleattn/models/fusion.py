@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .resize import resize_bilinear  # relative: the two files travel together
+from .resize import resizer  # relative: the two files travel together
 
 METHODS = ("attention", "shared_attention", "hierarchical", "average", "max")
 # Methods whose parameters do not depend on the number or order of the scales.
@@ -62,10 +62,6 @@ PARAMETER_FREE = ("average", "max")
 
 
 ToGrid = Callable[[jax.Array], jax.Array]
-
-
-def _resizer(grid: tuple[int, int]) -> ToGrid:
-  return lambda x: resize_bilinear(x, grid)
 
 
 def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
@@ -99,7 +95,7 @@ class _ConcatConv3x3(nn.Module):
       if to_grid is None and x.shape[1:3] == tuple(grid):
         out = out + lax.conv_general_dilated(x, block, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         continue
-      bring = _resizer(grid) if to_grid is None else to_grid[i]
+      bring = resizer(grid) if to_grid is None else to_grid[i]
       for ky in range(3):
         for kx in range(3):
           out = out + _shift(bring(jnp.einsum("bhwd,do->bhwo", x, block[ky, kx])), ky - 1, kx - 1)
@@ -177,7 +173,7 @@ class ScaleFusion(nn.Module):
     """Tao et al.'s pairwise combination from the highest scale down, and the per-scale weights it amounts to
     (each attention map brought to the scores' grid by `to_grid`, default the bilinear resize)."""
     s = scores.shape[3]
-    to_grid = [_resizer(scores.shape[1:3])] * s if to_grid is None else to_grid
+    to_grid = [resizer(scores.shape[1:3])] * s if to_grid is None else to_grid
     order = sorted(range(s), key=lambda i: -scales[i]) if scales is not None else list(range(s))
     fused = scores[:, :, :, order[0]]
     weights = jnp.zeros(scores.shape[:4], jnp.float32).at[..., order[0]].set(1.0)

@@ -104,7 +104,7 @@ class MultiScaleNet(nn.Module):
     window with the slices of the resizes that land in each)."""
     scales = tuple(float(s) for s in self.scales)
     grid = outs[scales.index(1.0)][0].shape[1:3] if grid is None else grid
-    bring = [lambda x: resize.resize_bilinear(x, grid)] * len(outs) if to_grid is None else to_grid
+    bring = [resize.resizer(grid)] * len(outs) if to_grid is None else to_grid
     per_scale = jnp.stack([b(scores) for b, (scores, _) in zip(bring, outs, strict=True)], axis=3)
     own_grid = tuple(scores for scores, _ in outs)
     if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse

@@ -6,6 +6,7 @@ differentiate than a gather, and the same on CPU, GPU and TPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,12 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   if x.shape[1:3] == (h, w):
     return x
   return apply_matrices(x, interpolation_matrix(h, x.shape[1]), interpolation_matrix(w, x.shape[2]))
+
+
+def resizer(size: tuple[int, int]) -> Callable[[jax.Array], jax.Array]:
+  """`resize_bilinear` to `size`, as a function of the map alone (how a map is brought to a fusion grid by
+  default)."""
+  return lambda x: resize_bilinear(x, size)
 
 
 def apply_matrices(x: jax.Array, rows: jax.Array | np.ndarray, cols: jax.Array | np.ndarray) -> jax.Array:
