@@ -14,7 +14,7 @@ px at scale 1) scale 0.5 was best nowhere; runs recorded before this change stat
 """
 import ml_collections
 
-from configs import base
+from scaleattn.config import defaults as base
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

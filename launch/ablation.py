@@ -178,14 +178,16 @@ def plot_examples(config: ml_collections.ConfigDict, workdir: str, num: int, pat
   import jax  # noqa: PLC0415
   from matplotlib.figure import Figure  # noqa: PLC0415
 
-  from scaleattn import checkpointing, input_pipeline, predict, visualize  # noqa: PLC0415
-  from scaleattn.state import build_experiment  # noqa: PLC0415
+  from scaleattn import checkpointing, visualize
+  from scaleattn.data import input_pipeline
+  from scaleattn.experiment import build_experiment  # noqa: PLC0415
+  from scaleattn.inference import forward  # noqa: PLC0415
   exp = build_experiment(config)
   params, _ = checkpointing.restore_params(workdir, config.train, exp.abstract_state)
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
   batch = next(iter(data.eval_batches("test")))
   mean = np.asarray(config.input.mean_rgb, np.float32)
-  pred, weights = jax.device_get(predict.full_resolution(params, batch["image"][:num], batch["mask"][:num], exp=exp))
+  pred, weights = jax.device_get(forward.full_resolution(params, batch["image"][:num], batch["mask"][:num], exp=exp))
   scales = tuple(config.model.scales)
   fig = Figure(figsize=(2.2 * (3 + len(scales)), 2.3 * num), layout="constrained")
   axes = fig.subplots(num, 3 + len(scales), squeeze=False)
@@ -212,7 +214,8 @@ def main(argv):
   seeds = range(1 if FLAGS.reduced else FLAGS.seeds)
   jobs = [(cell, seed) for seed in seeds for cell in cells]  # seed-major: a stopped grid has whole seeds done
   start = time.perf_counter()
-  from scaleattn import datasets, input_pipeline  # noqa: PLC0415
+  from scaleattn import data as datasets
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
   input_pipeline.prepare(base.dataset)  # once, before the workers start
   results = grid_runs.run_pool(
       [(grid_runs.run_cell, (cell_config(base, cell, seed), os.path.join(FLAGS.workdir, cell.name, f"seed_{seed}")))

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from scaleattn.kernels.cpu_conv import conv2d
-from scaleattn.perf import benchmark, flops, host_memory
+from scaleattn.perf import flops, host_memory, measure
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("frameworks", ["jax", "torch"], "Frameworks to time (torch is optional).")
@@ -85,7 +85,7 @@ def main(argv):
       for name in PASSES:
         if layer.cin == 3 and name == "input_grad":
           continue  # the image needs no gradient
-        seconds = float(np.median(benchmark.call_times(passes[name], FLAGS.repeats, warmup=2)))
+        seconds = float(np.median(measure.call_times(passes[name], FLAGS.repeats, warmup=2)))
         row[f"{fw}_{name}_ms"] = 1e3 * seconds
         totals[fw][name] += count * seconds
     print(json.dumps(row), flush=True)
@@ -95,7 +95,7 @@ def main(argv):
   print(json.dumps({"seconds_per_scale1_pass": summary}), flush=True)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
-      json.dump({**benchmark.environment(), "host_memory_retained": retained, "layers": rows,
+      json.dump({**measure.environment(), "host_memory_retained": retained, "layers": rows,
                  "seconds_per_scale1_pass": summary}, f, indent=2)
 
 

@@ -43,18 +43,20 @@ flags.DEFINE_string("results", "launch/results", "Where crf_shapes.{json,md} go.
 
 def _miou(config: ml_collections.ConfigDict, workdir: str, split: str, num_batches: int | None) -> tuple[float, float]:
   """mIoU of the workdir's latest checkpoint on (the first batches of) a split, and seconds per image."""
-  from scaleattn import checkpointing, evaluate, input_pipeline, steps  # noqa: PLC0415 - JAX starts in the workers
-  from scaleattn.state import build_experiment  # noqa: PLC0415
+  from scaleattn.data import input_pipeline
+  from scaleattn.evaluation import segmentation
+  from scaleattn.experiment import build_experiment  # noqa: PLC0415
+  from scaleattn import checkpointing  # noqa: PLC0415 - JAX starts in the workers
 
   exp = build_experiment(config)
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
   params, _ = checkpointing.restore_params(workdir, config.train, exp.abstract_state)
   batches = data.num_eval_batches(split) if num_batches is None else min(num_batches, data.num_eval_batches(split))
-  eval_fn = steps.jit_eval_step(exp)
+  eval_fn = segmentation.jit_eval_step(exp)
   first = next(iter(data.eval_batches(split)))
-  evaluate.evaluate_split(eval_fn, params, exp, iter([first]), 1, data.class_names, desc="compile")
+  segmentation.evaluate_split(eval_fn, params, exp, iter([first]), 1, data.class_names, desc="compile")
   start = time.perf_counter()
-  result = evaluate.evaluate_split(eval_fn, params, exp, itertools.islice(data.eval_batches(split), batches),
+  result = segmentation.evaluate_split(eval_fn, params, exp, itertools.islice(data.eval_batches(split), batches),
                                    batches, data.class_names, desc=split)
   return result["miou"], (time.perf_counter() - start) / (batches * config.eval.batch_size)
 
@@ -90,7 +92,7 @@ def main(argv):
   grid = [{"bilateral_weight": float(w), "bilateral_xy_std": float(xy), "bilateral_rgb_std": float(rgb)}
           for w, xy, rgb in itertools.product(FLAGS.bilateral_weight, FLAGS.bilateral_xy_std,
                                               FLAGS.bilateral_rgb_std)]
-  from scaleattn import input_pipeline  # noqa: PLC0415
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
   input_pipeline.prepare(base.dataset)
   configs = []
   for seed in range(FLAGS.seeds):

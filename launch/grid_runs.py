@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import platform
 import subprocess
@@ -35,16 +36,17 @@ def cached_json(path: str, compute: Callable[[], dict]) -> dict:
 def run_cell(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) one run, evaluates it on the test split and writes `result.json`; returns it."""
   def compute() -> dict:
-    from scaleattn import evaluate, train  # noqa: PLC0415 - JAX starts after the worker is pinned.
+    from scaleattn.evaluation import segmentation
+    from scaleattn.training import loop  # noqa: PLC0415 - JAX starts after the worker is pinned.
     attempts_path = os.path.join(workdir, "attempts.json")  # > 1: resumed, the time covers the last attempt only
     os.makedirs(workdir, exist_ok=True)
     attempts = (json.load(open(attempts_path)) if os.path.exists(attempts_path) else 0) + 1
     with open(attempts_path, "w") as f:
       json.dump(attempts, f)
     start = time.perf_counter()
-    validation = train.train_and_evaluate(config, workdir)
+    validation = loop.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - start
-    test = evaluate.evaluate(test_only(config), workdir)["test"]
+    test = segmentation.evaluate(test_only(config), workdir)["test"]
     return {"train_seconds": seconds, "attempts": attempts, "steps": config.train.num_steps,
             "validation": {k: v for k, v in validation.items() if np.isscalar(v)}, "test": test}
   return cached_json(os.path.join(workdir, "result.json"), compute)
@@ -57,15 +59,19 @@ def test_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def run_pool(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
-  """Runs fn(*args) for every job on `workers` spawned processes (each pinned to its own core when more than one),
-  results in job order."""
+def pinned_pool(workers: int) -> multiprocessing.pool.Pool:
+  """A pool of `workers` spawned processes, each pinned to its own core when more than one (use it in `with`)."""
   cores = None
   if workers > 1:
     cores = multiprocessing.get_context("spawn").Queue()
     for core in sorted(os.sched_getaffinity(0))[:workers]:
       cores.put(core)
-  with multiprocessing.get_context("spawn").Pool(workers, initializer=_pin, initargs=(cores,)) as pool:
+  return multiprocessing.get_context("spawn").Pool(workers, initializer=_pin, initargs=(cores,))
+
+
+def run_pool(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
+  """Runs fn(*args) for every job on a `pinned_pool`, results in job order."""
+  with pinned_pool(workers) as pool:
     pending = [pool.apply_async(fn, args) for fn, args in jobs]
     return [p.get() for p in pending]
 

@@ -44,7 +44,7 @@ def _images_per_s(batches, num: int, warmup: int, batch_size: int) -> float:
 
 
 def grain_batches(config: ml_collections.ConfigDict, worker_count: int):
-  from scaleattn import input_pipeline  # noqa: PLC0415
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
   config = config.copy_and_resolve_references()
   config.input.worker_count = worker_count
   return input_pipeline.create_datasets(config, process_index=0, process_count=1).train_batches(0)
@@ -57,7 +57,7 @@ def tfrecord_builder(config: ml_collections.ConfigDict, out_dir: str):
   import tensorflow_datasets as tfds  # noqa: PLC0415
   from array_record.python import array_record_module  # noqa: PLC0415
 
-  from scaleattn import input_pipeline  # noqa: PLC0415
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
   source = input_pipeline.prepare(config.dataset)
   kwargs = {"config": config.dataset.builder_config} if config.dataset.builder_config else {}
   builder = tfds.builder(config.dataset.name, data_dir=out_dir, file_format="tfrecord", **kwargs)

@@ -63,7 +63,7 @@ def evaluable(method: str, train_key: str, key: str) -> bool:
 def train_and_test(config: ml_collections.ConfigDict, workdir: str, eval_sets: dict[str, tuple[float, ...]]
                    ) -> dict[str, dict]:
   """One run trained (or reused), then its test-split results on every inference set it can run."""
-  from scaleattn import evaluate  # noqa: PLC0415 - JAX starts after the worker is pinned
+  from scaleattn.evaluation import segmentation  # noqa: PLC0415 - JAX starts after the worker is pinned
 
   grid_runs.run_cell(config, workdir)
   results = {}
@@ -71,7 +71,7 @@ def train_and_test(config: ml_collections.ConfigDict, workdir: str, eval_sets: d
     def compute(scales=scales) -> dict:
       test_config = grid_runs.test_only(config)
       test_config.eval.scales = scales
-      return evaluate.evaluate(test_config, workdir)["test"]
+      return segmentation.evaluate(test_config, workdir)["test"]
     results[key] = grid_runs.cached_json(os.path.join(workdir, f"test_scales_{key}.json"), compute)
   return results
 
@@ -175,7 +175,7 @@ def main(argv):
   eval_sets = {key: parse_scales(key) for key in FLAGS.eval_sets}
   if train_key not in eval_sets:
     raise app.UsageError(f"--eval_sets={FLAGS.eval_sets}: expected the training set {train_key} among them")
-  from scaleattn import input_pipeline  # noqa: PLC0415
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
   input_pipeline.prepare(base.dataset)  # once, before the workers start
   configs = {m: run_config(base, m, parse_scales(train_key), 0) for m in FLAGS.methods}
   jobs = [(m, seed) for seed in range(FLAGS.seeds) for m in FLAGS.methods]  # seed-major

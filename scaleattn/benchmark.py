@@ -1,7 +1,7 @@
-"""`python -m scaleattn.benchmark`: the speed and memory record (scaleattn/perf/benchmark.py)."""
+"""`python -m scaleattn.benchmark`: the speed and memory record (scaleattn/perf/measure.py)."""
 from absl import app
 
-from scaleattn.perf.benchmark import main
+from scaleattn.perf.measure import main
 
 if __name__ == "__main__":
   app.run(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,6 +26,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
+
+from scaleattn.experiment import Experiment, initial_state
+from scaleattn.weights.named import sha256
 
 BEST_METRIC = "miou"
 MANIFEST = "SHA256SUMS"
@@ -60,19 +62,11 @@ def _files(step_dir: epath.Path) -> Iterator[tuple[str, epath.Path]]:
     yield path.relative_to(step_dir).as_posix(), path
 
 
-def _sha256(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def write_manifest(step_dir: epath.PathLike) -> None:
   """Writes the sha256 of every file of a completed checkpoint into its SHA256SUMS (atomically: a crash leaves
   no manifest, and a checkpoint without one is restored on Orbax's own checks)."""
   step_dir = epath.Path(step_dir)
-  lines = "".join(f"{_sha256(path)}  {name}\n" for name, path in _files(step_dir))
+  lines = "".join(f"{sha256(path)}  {name}\n" for name, path in _files(step_dir))
   tmp = step_dir / f"{MANIFEST}.tmp"
   tmp.write_text(lines)
   tmp.rename(step_dir / MANIFEST)
@@ -92,9 +86,18 @@ def manifest_problem(step_dir: epath.PathLike) -> str | None:
     path = step_dir / name
     if not path.exists():
       return f"file {name} listed in {MANIFEST} is missing"
-    if _sha256(path) != digest:
+    if sha256(path) != digest:
       return f"file {name} does not match its sha256 in {MANIFEST} (changed or truncated after the save)"
   return None
+
+
+def _saved(state: Any) -> Any:
+  """The tree saved for `state`: its own checkpoint layout where it defines one (`TrainState.to_checkpoint`)."""
+  return state.to_checkpoint() if hasattr(state, "to_checkpoint") else state
+
+
+def _restored(abstract_state: Any, tree: Any) -> Any:
+  return type(abstract_state).from_checkpoint(tree) if hasattr(abstract_state, "from_checkpoint") else tree
 
 
 class Checkpoints:
@@ -135,7 +138,7 @@ class Checkpoints:
       return False
     self.wait_until_finished()
     with self._disk_errors(step):
-      started = self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+      started = self._manager.save(step, args=ocp.args.StandardSave(_saved(state)), metrics=metrics, force=force)
     if started:
       self._in_flight = step
     return started
@@ -192,7 +195,8 @@ class Checkpoints:
       problem = manifest_problem(self.step_dir(s))
       if problem is None:
         try:
-          state = self._manager.restore(s, args=ocp.args.StandardRestore(abstract_state))
+          state = _restored(abstract_state, self._manager.restore(s, args=ocp.args.StandardRestore(
+              _saved(abstract_state))))
           break
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one.
           problem = f"cannot be read ({type(e).__name__}: {e})"
@@ -232,8 +236,9 @@ class Checkpoints:
 
 def restore_params(workdir: str, train_cfg: ml_collections.ConfigDict, abstract_state: Any,
                    step: int | None = None) -> tuple[Any, int]:
-  """(parameters, step) of a training workdir's checkpoint (latest readable, or `step`), restored into the shapes
-  and shardings of `abstract_state`; FileNotFoundError when there is none."""
+  """(weights, step) of a training workdir's checkpoint (latest readable, or `step`), restored into the shapes
+  and shardings of `abstract_state`: the parameters, as variables with the model's non-parameter state when it has
+  some (`TrainState.weights`); FileNotFoundError when there is none."""
   directory = os.path.join(workdir, "checkpoints")
   ckpts = Checkpoints(directory, train_cfg)
   try:
@@ -243,4 +248,16 @@ def restore_params(workdir: str, train_cfg: ml_collections.ConfigDict, abstract_
   if state is None:
     which = "readable checkpoint" if step is None else f"readable checkpoint at step {step}"
     raise FileNotFoundError(f"no {which} in {directory}; train first")
-  return state.params, int(state.step)
+  return state.weights, int(state.step)
+
+
+def restore_weights(exp: Experiment, workdir: str, step: int | None = None) -> tuple[Any, int | None]:
+  """(weights, step) for evaluation or prediction: the workdir's checkpoint (`restore_params`) or, when it has none
+  and config.init_from names weights, those (step None): evaluating a released model is one command."""
+  try:
+    return restore_params(workdir, exp.config.train, exp.abstract_state, step)
+  except FileNotFoundError:
+    if not exp.config.init_from or step is not None:
+      raise
+  logging.info("No checkpoint in %s: running the weights of config.init_from=%s.", workdir, exp.config.init_from)
+  return initial_state(exp).weights, None

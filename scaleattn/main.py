@@ -1,23 +1,26 @@
 """Command line: `python -m scaleattn.main --config=configs/shapes.py --workdir=/tmp/run [--mode=train|eval|predict]`.
 
-Flags and start-up only; the work is done by importable functions (`train.train_and_evaluate` and friends).
+Flags and start-up only; the work is done by importable functions (`loop.train_and_evaluate` and friends).
 A config, data or checkpoint problem prints its message alone and exits with status 2; `--verbosity=1` (or
-SCALEATTN_TRACEBACK=1) shows the traceback too.
+SCALEATTN_TRACEBACK=1) shows the traceback too. The terminal shows the project's own lines and every warning;
+`--verbosity=1` shows the libraries' INFO lines as well (`scaleattn.terminal`).
 """
 import json
 import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only datasets and event files.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow serves only datasets and event files,
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # so its oneDNN kernels and their start-up notice are not needed.
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from scaleattn import distributed
+from scaleattn import terminal
 from scaleattn.perf import host_memory
 from scaleattn.perf.environment import environment
+from scaleattn.training import distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py or configs/shapes.py:smoke.",
@@ -44,21 +47,23 @@ USER_ERROR_EXIT = 2
 
 
 def run(mode: str) -> object:
-  from scaleattn import evaluate, predict, train  # noqa: PLC0415 - after the runtime is initialised.
+  from scaleattn.evaluation import segmentation
+  from scaleattn.inference import predict
+  from scaleattn.training import loop  # noqa: PLC0415 - after the runtime is initialised.
   config, params = FLAGS.config, None
   if FLAGS.exported:
-    from scaleattn import export  # noqa: PLC0415
+    from scaleattn.inference import export  # noqa: PLC0415
     params, config = export.load_exported(FLAGS.exported)
   if config is None:
     raise app.UsageError("--config is required unless --exported gives a model with its config.")
   if mode == "train":
     try:
-      return train.train_and_evaluate(config, FLAGS.workdir)
-    except train.Preempted as e:  # a clean exit: the scheduler restarts the job, which resumes
+      return loop.train_and_evaluate(config, FLAGS.workdir)
+    except loop.Preempted as e:  # a clean exit: the scheduler restarts the job, which resumes
       logging.warning("%s", e)
       return None
   if mode == "eval":
-    return evaluate.evaluate(config, FLAGS.workdir, params=params)
+    return segmentation.evaluate(config, FLAGS.workdir, params=params)
   out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
   return predict.predict_files(config, FLAGS.workdir, FLAGS.inputs, out_dir, params=params)
 
@@ -66,14 +71,17 @@ def run(mode: str) -> object:
 def _user_errors() -> tuple[type[Exception], ...]:
   """Errors whose message says all a person needs: a bad config, bad data, a missing file, a diverged run, a full
   disk."""
-  from scaleattn import checkpointing, config_validation, datasets, train  # noqa: PLC0415
-  return (config_validation.ConfigError, datasets.DataError, FileNotFoundError, train.NonFiniteError,
+  from scaleattn import checkpointing, data  # noqa: PLC0415 - after the runtime is initialised
+  from scaleattn.config import validation  # noqa: PLC0415
+  from scaleattn.training import loop  # noqa: PLC0415
+  return (validation.ConfigError, data.DataError, FileNotFoundError, loop.NonFiniteError,
           checkpointing.CheckpointWriteError)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  terminal.show_project_lines(FLAGS.verbosity)
   host_memory.retain_on_cpu(FLAGS.retain_host_memory)
   import tensorflow as tf  # noqa: PLC0415 - keep TensorFlow off accelerators that JAX owns.
   tf.config.set_visible_devices([], "GPU")
@@ -89,9 +97,20 @@ def main(argv):
       raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
-  logging.info("Done: %s", result)
+  logging.info("Done in %.0f s%s.", time.perf_counter() - start, _summary(result))
   if FLAGS.results and jax.process_index() == 0:
     write_results(FLAGS.results, result, time.perf_counter() - start)
+
+
+def _summary(result: object) -> str:
+  """The headline of what a mode returned: mIoU per split, or how many files prediction wrote."""
+  if not isinstance(result, dict):
+    return ""
+  splits = {k: v for k, v in result.items() if isinstance(v, dict) and "miou" in v} or {"": result}
+  parts = [f"{split + ' ' if split else ''}mIoU {v['miou']:.4f}" for split, v in splits.items() if "miou" in v]
+  if "written" in result:
+    parts.append(f"{len(result['written'])} files written, {len(result['failed'])} images failed")
+  return ": " + ", ".join(parts) if parts else ""
 
 
 def write_results(path: str, result: object, wall_s: float) -> None:

@@ -63,3 +63,10 @@ def logged_images(workdir, tag: str) -> dict[int, list]:
   from PIL import Image  # noqa: PLC0415
   # An image summary's tensor holds the width, the height, then one encoded PNG per image.
   return {step: [np.asarray(Image.open(io.BytesIO(png))) for png in value[2:]] for step, value in _logged(workdir, tag)}
+
+
+@pytest.fixture(scope="session")
+def smoke_data_dir(tmp_path_factory):
+  """A TFDS data_dir shared by the session's tests: the smoke split of scale_shapes is generated into it once, by the
+  first test that reads it."""
+  return str(tmp_path_factory.mktemp("smoke_tfds"))

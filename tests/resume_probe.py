@@ -25,10 +25,10 @@ def main(devices: str, data_dir: str, *workdirs: str) -> None:
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   from absl import logging  # noqa: PLC0415
 
-  from scaleattn import train  # noqa: PLC0415 - JAX reads XLA_FLAGS when its backend starts
+  from scaleattn.training import loop  # noqa: PLC0415 - JAX reads XLA_FLAGS when its backend starts
   logging.set_verbosity(logging.INFO)  # "Resumed from step N" goes to stderr
   for workdir in workdirs:
-    train.train_and_evaluate(config(data_dir), workdir)
+    loop.train_and_evaluate(config(data_dir), workdir)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from scaleattn.perf import benchmark
-from scaleattn.state import build_experiment
+from scaleattn.experiment import build_experiment
+from scaleattn.perf import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"name", "scales", "fusion", "batch_size", "precision", "scale_execution", "median_step_s",
@@ -99,7 +99,7 @@ def test_memory_only_cases_record_the_step_memory_per_microbatch_count_and_remat
     ("NVIDIA H100 80GB HBM3", "float32", None), ("cpu", "bfloat16", None)])
 def test_datasheet_peak_tells_device_variants_apart(kind, precision, gflops):
   """NVIDIA's and Google's published dense bf16 peaks; a PCIe H100 or a v5e is not taken for its bigger sibling."""
-  assert benchmark.datasheet_peak_gflops(kind, precision) == gflops
+  assert measure.datasheet_peak_gflops(kind, precision) == gflops
 
 
 def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_path):
@@ -122,7 +122,7 @@ def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_p
   with gzip.open(trace_dir / "host.trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
   # Two traced steps: fusion 3 + 1 + 2 ms, convolution 8 ms, halved.
-  assert benchmark.time_by_op_kind(str(tmp_path), hlo, steps=2) == {"convolution": 4.0, "fusion": 3.0}
+  assert measure.time_by_op_kind(str(tmp_path), hlo, steps=2) == {"convolution": 4.0, "fusion": 3.0}
 
 
 def test_inference_runner_records_each_program_of_whole_and_tiled_prediction():
@@ -130,9 +130,9 @@ def test_inference_runner_records_each_program_of_whole_and_tiled_prediction():
   and what grows with the image (about 4x for 4x the pixels) is the host memory it holds between its steps."""
   config = shapes.get_config("smoke")
   config.eval.tile_overlap = 32
-  whole, whole_bytes, whole_host = benchmark.inference_runner(config, 90, 150, 0)
-  tiled, tiled_bytes, tiled_host = benchmark.inference_runner(config, 360, 600, 129)  # scale 0.5 too is larger
-  _, larger_bytes, larger_host = benchmark.inference_runner(config, 720, 1200, 129)
+  whole, whole_bytes, whole_host = measure.inference_runner(config, 90, 150, 0)
+  tiled, tiled_bytes, tiled_host = measure.inference_runner(config, 360, 600, 129)  # scale 0.5 too is larger
+  _, larger_bytes, larger_host = measure.inference_runner(config, 720, 1200, 129)
   assert set(whole_bytes) == {"whole"} and whole_host == 0
   assert set(tiled_bytes) == {"tile_step", "fuse_window", "upsample_window"}
   assert tiled_bytes["tile_step"] == larger_bytes["tile_step"] > 0

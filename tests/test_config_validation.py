@@ -1,8 +1,9 @@
 """Each bad config value gives one message naming the field, the value and what was expected."""
 import pytest
 
-from configs import base, person_part, shapes, voc
-from scaleattn import config_validation as cv
+from configs import person_part, shapes, voc
+from scaleattn.config import defaults as base
+from scaleattn.config import validation as cv
 
 
 def _validate(config, devices=4, processes=1):
@@ -31,7 +32,7 @@ def test_shipped_configs_are_valid_on_any_data_axis(get_config, devices):
     ("model.scales", (1.0, 0.5, 0.5), "scales must be distinct"),
     ("model.fusion.name", "mean", "config.model.fusion.name='mean': expected one of ('attention', 'shared_attention', "
                                   "'hierarchical', 'average', 'max')"),
-    ("model.backbone.name", "resnet", "config.model.backbone.name='resnet': expected one of ('largefov',)"),
+    ("model.backbone.name", "resnet", "config.model.backbone.name='resnet': expected one of ('largefov', 'resnet50', 'resnet101', 'resnet152')"),
     ("model.backbone.fc_widht", 8, "config.model.backbone.fc_widht: not a setting of backbone 'largefov' (it takes"),
     ("model.fusion.hiden", 8, "config.model.fusion.hiden: not a setting of fusion 'attention' (it takes ('hidden',"),
     ("model.conv_impl", "cudnn", "config.model.conv_impl='cudnn': expected one of ('auto', 'xla', 'cpu')"),

@@ -1,5 +1,5 @@
-"""VGG-16 -> DeepLab-LargeFOV conversion against an index-by-index NumPy reference, the folded first layer against
-the source layer on the source's own normalised input, the CLI, and merging into a model's parameters."""
+"""torchvision/timm VGG-16 -> DeepLab-LargeFOV conversion against an index-by-index NumPy reference, the folded first
+layer against the source layer on the source's own normalised input, the CLI, and merging into a model's parameters."""
 import subprocess
 import sys
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from scaleattn import convert
+from scaleattn import convert, weights
 from scaleattn.models import build_model
+from scaleattn.weights import vgg
 
 CONV_INDEX = {"conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12, "conv3_3": 14,
               "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28}
@@ -35,9 +36,13 @@ def state():
   return sd
 
 
+def to_largefov(state, mean_rgb=tuple(OUR_MEAN), source="vgg16.pth"):
+  return vgg.from_torchvision(state, source=source, mean_rgb=mean_rgb)["backbone"]
+
+
 @pytest.fixture(scope="module")
 def converted(state):
-  return convert.vgg16_to_largefov(state)
+  return to_largefov(state)
 
 
 def test_mapping_tensor_by_tensor(state, converted):
@@ -82,7 +87,7 @@ def test_first_layer_on_our_input_equals_source_layer_on_torchvision_input(state
 
 def test_first_layer_follows_the_configured_mean(state):
   mean = np.array([100.0, 110.0, 120.0])
-  params = convert.vgg16_to_largefov(state, mean_rgb=tuple(mean))
+  params = to_largefov(state, mean_rgb=tuple(mean))
   img = np.random.default_rng(2).uniform(0, 255, size=(3, 3, 3))
   got = np.einsum("hwio,hwi->o", params["conv1_1"]["kernel"].astype(np.float64), img - mean)
   got += params["conv1_1"]["bias"]
@@ -95,9 +100,9 @@ def test_through_torch(state, converted, tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "vgg16.pth"
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
-  read = convert.read_state(str(path))
+  read = weights.read_any(str(path))
   assert set(read) == set(state)
-  params = convert.vgg16_to_largefov(read)
+  params = to_largefov(read)
   for layer, leaves in converted.items():
     for k, v in leaves.items():
       np.testing.assert_array_equal(params[layer][k], v)
@@ -111,12 +116,20 @@ def test_through_torch(state, converted, tmp_path):
   np.testing.assert_allclose(got + params["conv1_1"]["bias"], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
 
-def test_pth_without_torch_says_how_to_proceed(tmp_path, monkeypatch):
-  path = tmp_path / "vgg16.pth"
-  path.write_bytes(b"")
-  monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-  with pytest.raises(ImportError, match=r"vgg16.pth needs PyTorch.*np.savez"):
-    convert.read_state(str(path))
+def test_timm_names_convert_like_torchvision(state, converted):
+  """timm's VGG-16 file: torchvision's tensors renamed, fc6/fc7 stored as convolutions (its own filter function)."""
+  timm = {k: v for k, v in state.items() if k.startswith("features.")}
+  timm["pre_logits.fc1.weight"] = state["classifier.0.weight"].reshape(4096, 512, 7, 7)
+  timm["pre_logits.fc1.bias"] = state["classifier.0.bias"]
+  timm["pre_logits.fc2.weight"] = state["classifier.3.weight"].reshape(4096, 4096, 1, 1)
+  timm["pre_logits.fc2.bias"] = state["classifier.3.bias"]
+  timm["head.fc.weight"], timm["head.fc.bias"] = state["classifier.6.weight"], state["classifier.6.bias"]
+  layout = weights.sources.find_layout(set(timm), "vgg16.safetensors")
+  assert layout.name == "timm-vgg16"
+  params = layout.convert(timm, source="vgg16.safetensors", mean_rgb=tuple(OUR_MEAN))["backbone"]
+  for layer, leaves in converted.items():
+    for k, v in leaves.items():
+      np.testing.assert_array_equal(params[layer][k], v)
 
 
 def test_rejects_a_state_dict_that_is_not_vgg16(state):
@@ -125,7 +138,7 @@ def test_rejects_a_state_dict_that_is_not_vgg16(state):
   bad["features.1.running_mean"] = np.zeros(64, np.float32)
   del bad["classifier.3.bias"]
   with pytest.raises(ValueError, match="vgg16_bn.pth") as e:
-    convert.vgg16_to_largefov(bad, source="vgg16_bn.pth")
+    to_largefov(bad, source="vgg16_bn.pth")
   msg = str(e.value)
   assert "features.2.weight: shape (64,), expected (64, 64, 3, 3)" in msg
   assert "features.1.running_mean" in msg and "classifier.3.bias: missing" in msg
@@ -136,13 +149,13 @@ def test_cli_on_npz(state, tmp_path):
   np.savez(src, **state)
   subprocess.run([sys.executable, "-m", "scaleattn.convert", f"--src={src}", f"--out={out}"], check=True,
                  capture_output=True)
-  loaded = convert.load_pretrained(str(out))
+  loaded = convert.load_pretrained(str(out))["backbone"]
   assert set(loaded) == set(CONV_INDEX) | {"fc6", "fc7"}
   np.testing.assert_array_equal(loaded["conv3_2"]["kernel"], np.einsum("oihw->hwio", state["features.12.weight"]))
   np.testing.assert_array_equal(loaded["fc7"]["bias"], state["classifier.3.bias"][::4])
   assert loaded["fc6"]["kernel"].shape == (3, 3, 512, 1024) and loaded["conv1_1"]["kernel"].shape == (3, 3, 3, 64)
-  with np.load(out) as raw:  # the documented format: '<layer>/<kernel|bias>' arrays
-    assert sorted(raw.files)[:2] == ["conv1_1/bias", "conv1_1/kernel"] and len(raw.files) == 30
+  with np.load(out) as raw:  # the documented format: '<part>/<layer>/<kernel|bias>' arrays
+    assert sorted(raw.files)[:2] == ["backbone/conv1_1/bias", "backbone/conv1_1/kernel"] and len(raw.files) == 30
 
 
 def model_params(**backbone_overrides):
@@ -172,4 +185,4 @@ def test_merge_names_every_mismatch(converted):
   msg = str(e.value)
   assert "backbone/conv1_1/kernel: model expects (3, 3, 3, 4), got (3, 3, 3, 64)" in msg
   assert "backbone/fc6/kernel: model expects (3, 3, 8, 16), got (3, 3, 512, 1024)" in msg
-  assert "conv1_2: the model's backbone has no such layer" in msg
+  assert "backbone/conv1_2: the model's backbone has no such layer" in msg

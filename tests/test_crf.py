@@ -1,6 +1,6 @@
 """The fully connected CRF against a brute-force NumPy mean field (float64, every pixel pair).
 
-The reference below is written from the paper's equations, not from scaleattn/crf.py: unary -log softmax(scores),
+The reference below is written from the paper's equations, not from scaleattn/crf/: unary -log softmax(scores),
 Potts pairwise terms with kernel matrices A = w_bi K_bi + w_pos K_pos over pairs i != j (diagonal zeroed), and the
 parallel update Q_i(l) ∝ exp(log p_i(l) - sum_{l' != l} (A Q)_i(l')); with normalize=True, densecrf's convention:
 rows of each K (self included, absent pixels excluded) divided by their sums, the message added for the same label.
@@ -205,15 +205,15 @@ def test_free_energy_does_not_rise(h, w, seed):
   scores, image, _ = case(h, w, seed)
   energies = []
   for iterations in range(ITERATIONS + 1):
-    q = run(scores, image, iterations=iterations, filter="exact", **PARAMS)
+    q = run(scores, image, iterations=iterations, filter="exact", normalize=False, **PARAMS)
     energies.append(free_energy(q.astype(np.float64), scores, image, **PARAMS))
   print(f"free energy {h}x{w}: {np.round(energies, 4)}")
   assert np.all(np.diff(energies) <= 1e-6 * np.abs(energies[:-1]))
   assert energies[-1] < energies[0]
 
 
-@pytest.mark.parametrize("filter_name", ["exact", "grid"])
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("filter_name,normalize", [("exact", False), ("exact", True), ("grid", False), ("grid", True),
+                                                   ("lattice", True)])
 def test_padding_does_not_leak(filter_name, normalize):
   """A 12x12 image padded to 16x16 with `valid` gives the 12x12 image's Q inside; softmax(scores) outside."""
   scores, image, _ = case(12, 12, 0)
@@ -231,8 +231,8 @@ def test_padding_does_not_leak(filter_name, normalize):
 
 
 def test_batched_jitted_rows_sum_to_one_with_defaults():
-  """Batched == per example, under an outer jit too, with DeepLab's defaults (the grid filter), a uint8 image and a
-  padded example; rows sum to 1."""
+  """Batched == per example, under an outer jit too, with DeepLab's defaults (the lattice filter, normalized
+  messages), a uint8 image and a padded example; rows sum to 1."""
   rng = np.random.default_rng(3)
   scores = rng.normal(0, 2, (2, 16, 10, 5)).astype(np.float32)
   images = np.stack([blocks_image(16, 10, s)[0] for s in (0, 1)]).round().astype(np.uint8)
@@ -251,8 +251,8 @@ def test_sharded_evaluation_runs_each_devices_own_rows_without_gathering():
   """On the 4-device test mesh the eval step's CRF runs on each device's rows: the compiled step has no all-gather
   (a loop over a sharded batch left to the partitioner gathers the whole batch on every device)."""
   from configs import shapes
-  from scaleattn import steps
-  from scaleattn.state import build_experiment
+  from scaleattn.evaluation import segmentation
+  from scaleattn.experiment import build_experiment
   config = shapes.get_config("smoke")
   config.eval.crf.enabled, config.eval.crf.iterations = True, 2
   exp = build_experiment(config)
@@ -261,5 +261,5 @@ def test_sharded_evaluation_runs_each_devices_own_rows_without_gathering():
   batch = {"image": jax.ShapeDtypeStruct((4, size, size, 3), jnp.float32),
            "label": jax.ShapeDtypeStruct((4, size, size), jnp.int32),
            "mask": jax.ShapeDtypeStruct((4, size, size), jnp.bool_)}
-  text = steps.jit_eval_step(exp).lower(exp.abstract_state.params, batch).compile().as_text()
+  text = segmentation.jit_eval_step(exp).lower(exp.abstract_state.params, batch).compile().as_text()
   assert "all-gather" not in text

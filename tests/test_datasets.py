@@ -9,8 +9,8 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from scaleattn import datasets
-from scaleattn.datasets import DataError, scale_shapes
+from scaleattn import data as datasets
+from scaleattn.data import DataError, scale_shapes
 
 VOC_TRAIN, VOC_VAL = ["2007_000001", "2007_000002", "2007_000003"], ["2007_000010", "2007_000011"]
 SBD_TRAIN, SBD_VAL = ["2007_000002", "2008_000020", "2007_000010"], ["2008_000021", "2007_000011", "2008_000022"]

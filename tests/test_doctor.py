@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaleattn.datasets import doctor, image_folder
+from scaleattn.data import doctor, folder_format
 from scaleattn.visualize import voc_palette
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,7 +234,7 @@ def test_too_few_images(tmp_path):
 def test_seeded_split_is_the_documented_rule(tmp_path):
   """10% validation (rounded, at least 1): the first of a default_rng(0) permutation of the sorted stems."""
   stems = [f"s{k:02d}" for k in range(25)]
-  split = image_folder.seeded_splits(stems[::-1])
+  split = folder_format.seeded_splits(stems[::-1])
   order = np.random.default_rng(0).permutation(25)
   assert split["validation"] == sorted(stems[i] for i in order[:2])
   assert split["train"] == sorted(set(stems) - set(split["validation"]))
@@ -243,7 +243,7 @@ def test_seeded_split_is_the_documented_rule(tmp_path):
 def test_command_line_prints_errors_without_traceback(tmp_path):
   root, truth = _folder(tmp_path)
   _small_mask(root, truth)
-  out = subprocess.run([sys.executable, "-m", "scaleattn.datasets.doctor", str(root)], cwd=REPO, capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "scaleattn.doctor", str(root)], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
   assert out.returncode == 1, out.stderr[-2000:]
   assert "Traceback" not in out.stderr and "Warning" not in out.stderr, out.stderr[-2000:]

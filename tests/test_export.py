@@ -7,11 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, shapes
-from scaleattn import checkpointing, export, train
+from configs import shapes
+from scaleattn import checkpointing
+from scaleattn.config import defaults as base
+from scaleattn.config import serialization as config_json
+from scaleattn.data.preprocessing import CAFFE_MEAN_RGB
+from scaleattn.experiment import build_experiment
+from scaleattn.inference import export
 from scaleattn.models import build_model
-from scaleattn.preprocessing import CAFFE_MEAN_RGB
-from scaleattn.state import build_experiment
+from scaleattn.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +60,7 @@ def test_export_then_load_gives_identical_predictions(tmp_path):
 
 def test_config_tuples_survive_json():
   config = base.get_config()
-  loaded = export.config_from_json(export.config_to_json(config))
+  loaded = config_json.config_from_json(config_json.config_to_json(config))
   assert loaded.optim.lr_multipliers == base.PAPER_LR_MULTIPLIERS
   assert loaded.model.backbone.block_widths == (64, 128, 256, 512, 512) and loaded.dataset.data_dir is None
 
@@ -89,8 +93,8 @@ def test_version_1_files_are_read_into_todays_config_layout(tmp_path):
   from flax import serialization  # noqa: PLC0415
   old = json.load(open(os.path.join(REPO, "tests", "fixtures", "config_v1.json")))
   assert old["model"]["fusion"] == "attention" and "block_widths" in old["model"]
-  config = export.upgrade_config(json.loads(json.dumps(old)))
-  params = random_like(jax.eval_shape(lambda: build_model(export.config_from_json(json.dumps(config)).model).init(
+  config = config_json.upgrade_config(json.loads(json.dumps(old)))
+  params = random_like(jax.eval_shape(lambda: build_model(config_json.config_from_json(json.dumps(config)).model).init(
       jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))["params"])
   path = tmp_path / "v1.msgpack"
   path.write_bytes(serialization.msgpack_serialize(
@@ -112,7 +116,7 @@ def test_export_a_training_workdir(tmp_path):
   ckpts.save(3, trained, force=True)
   ckpts.wait_until_finished()
   ckpts.close()
-  train.write_config(config, workdir)  # what every training run writes
+  loop.write_config(config, workdir)  # what every training run writes
 
   out = str(tmp_path / "model.msgpack")
   assert export.export_workdir(workdir, out) == 3

@@ -23,8 +23,10 @@ from conftest import logged_scalars
 from etils import epath
 
 from configs import shapes
-from scaleattn import checkpointing, input_pipeline, train
-from scaleattn.state import build_experiment
+from scaleattn import checkpointing
+from scaleattn.data import input_pipeline
+from scaleattn.experiment import build_experiment
+from scaleattn.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # long enough that four interruptions all land before the run finishes
@@ -86,7 +88,7 @@ def reference(data_dir, tmp_path_factory):
   config = _config(data_dir)
   input_pipeline.create_datasets(config)  # prepare the data before subprocesses read it
   workdir = str(tmp_path_factory.mktemp("straight"))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return _params(workdir, config)
 
 
@@ -117,6 +119,7 @@ def test_kill9_and_sigterm_lose_nothing(data_dir, reference, tmp_path):
   result = subprocess.run(_command(data_dir, workdir), cwd=REPO, env=dict(_env(), JAX_LOG_COMPILES="1"),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from step" in result.stderr  # a run from scratch would end with the reference's parameters too
   _assert_same(_params(workdir, _config(data_dir)), reference)
   assert "Persistent compilation cache hit for 'jit_train_step'" in result.stderr
 
@@ -126,7 +129,7 @@ def six_steps(data_dir, tmp_path_factory):
   """A finished 6-step run (checkpoints at 2, 4, 6) and its final parameters, read before anything is damaged."""
   config = _config(data_dir, **{"train.num_steps": 6})
   workdir = str(tmp_path_factory.mktemp("six_steps"))
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return workdir, _params(workdir, config, step=6)
 
 
@@ -136,13 +139,15 @@ def _copy(workdir, tmp_path):
   return copy
 
 
-def test_broken_latest_checkpoint_falls_back(data_dir, reference, six_steps, tmp_path):
+def test_broken_latest_checkpoint_falls_back(data_dir, reference, six_steps, tmp_path, caplog):
   workdir = _copy(six_steps[0], tmp_path)
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "6")):
     for f in files:
       with open(os.path.join(root, f), "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(fh.name) // 2))
-  train.train_and_evaluate(_config(data_dir), workdir)  # restores step 4, redoes 5..STEPS
+  caplog.set_level("INFO", logger="absl")
+  loop.train_and_evaluate(_config(data_dir), workdir)  # restores step 4, redoes 4..STEPS-1
+  assert "Resumed from step 4 in" in caplog.text  # a run from scratch would end with the reference's parameters too
   _assert_same(_params(workdir, _config(data_dir)), reference)
 
 
@@ -174,8 +179,8 @@ def test_nan_batch_raises_naming_step_and_keeps_checkpoint(data_dir, monkeypatch
   _inject_nan(monkeypatch, step=4)
   workdir = str(tmp_path / "run")
   config = _config(data_dir, **{"train.checkpoint_every_steps": 3, "train.log_every_steps": 100})
-  with pytest.raises(train.NonFiniteError, match=r"step 4: .*loss/fused"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(loop.NonFiniteError, match=r"step 4: .*loss/fused"):
+    loop.train_and_evaluate(config, workdir)
   assert _saved_steps(workdir)[-1] == 3
   monkeypatch.undo()
 
@@ -185,9 +190,12 @@ def test_nan_batch_skipped_when_configured(data_dir, monkeypatch, tmp_path):
   workdir = str(tmp_path / "run")
   config = _config(data_dir, **{"train.on_nonfinite": "skip", "train.num_steps": 5,
                                 "train.checkpoint_every_steps": 1, "train.keep_checkpoints": 10})
-  train.train_and_evaluate(config, workdir)
-  after_4, after_5 = _params(workdir, config, step=4), _params(workdir, config, step=5)
+  loop.train_and_evaluate(config, workdir)
+  after_3, after_4, after_5 = (_params(workdir, config, step=s) for s in (3, 4, 5))
   _assert_same(after_4, after_5)  # the bad step changed nothing
+  assert float(build_experiment(config).schedule(4)) > 0  # where a good step at that learning rate
+  for x, y in zip(jax.tree.leaves(after_3), jax.tree.leaves(after_4), strict=True):  # changes every tensor
+    assert not np.array_equal(x, y)
   assert logged_scalars(workdir, "skipped_steps")[5] == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(after_5))
 
@@ -217,8 +225,10 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(data_dir, six_
       f.seek(size // 2)
       f.write(bytes([byte ^ 0x10]))
   caplog.set_level("WARNING")
+  caplog.set_level("INFO", logger="absl")
   config = _config(data_dir, **{"train.num_steps": 6})
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
+  assert "Resumed from step 4 in" in caplog.text  # a run from scratch would end with the undamaged run's parameters
   name = os.path.relpath(path, step_dir)
   assert (f"Checkpoint at step 6 in {os.path.dirname(step_dir)} is unusable: file {name} does not match its sha256"
           in caplog.text)
@@ -228,7 +238,7 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(data_dir, six_
   _assert_same(_params(workdir, config, step=6), want)
 
 
-def test_full_disk_while_saving_stops_and_loses_nothing(data_dir, reference, tmp_path, monkeypatch):
+def test_full_disk_while_saving_stops_and_loses_nothing(data_dir, reference, tmp_path, monkeypatch, caplog):
   """Every write into the checkpoint of step 8 fails with ENOSPC (as a full disk makes it): the run stops with an
   error naming the directory, the free space and the last complete checkpoint (6), which stays readable; run
   again once there is space, it resumes from step 6 and ends with the uninterrupted run's parameters."""
@@ -244,7 +254,7 @@ def test_full_disk_while_saving_stops_and_loses_nothing(data_dir, reference, tmp
 
   monkeypatch.setattr(type(epath.Path(ckpt_dir)), "write_text", full_disk)
   with pytest.raises(checkpointing.CheckpointWriteError) as stopped:
-    train.train_and_evaluate(_config(data_dir), workdir)
+    loop.train_and_evaluate(_config(data_dir), workdir)
   monkeypatch.undo()
   message = str(stopped.value)
   assert f"The checkpoint of step 8 could not be written to {ckpt_dir}: no space left on device (" in message
@@ -254,7 +264,9 @@ def test_full_disk_while_saving_stops_and_loses_nothing(data_dir, reference, tmp
   assert abs(float(amount) * 2 ** (30 if unit == "GiB" else 20) - free) < 0.01 * free + 2**26
   assert _saved_steps(workdir)[-1] == 6
   _params(workdir, _config(data_dir), step=6)  # readable
-  train.train_and_evaluate(_config(data_dir), workdir)
+  caplog.set_level("INFO", logger="absl")
+  loop.train_and_evaluate(_config(data_dir), workdir)
+  assert "Resumed from step 6 in" in caplog.text  # a run from scratch would end with the reference's parameters too
   _assert_same(_params(workdir, _config(data_dir)), reference)
 
 
@@ -299,12 +311,12 @@ def test_bad_record_stops_at_its_step_and_skip_resumes_deterministically(damaged
   with pytest.raises(input_pipeline.BadRecordError,
                      match=rf"split 'train', record {record} \(training step {BAD_STEP}\): does not decode "
                            r"\(OSError: image file is truncated\)"):
-    train.train_and_evaluate(_config(damaged_data_dir, **{"train.num_steps": 8}), workdir)
+    loop.train_and_evaluate(_config(damaged_data_dir, **{"train.num_steps": 8}), workdir)
   assert _saved_steps(workdir)[-1] == 4
   _params(workdir, _config(damaged_data_dir), step=4)  # readable
   skip = _config(damaged_data_dir, **{"train.num_steps": 8, "input.on_bad_record": "skip"})
-  train.train_and_evaluate(skip, workdir)
-  train.train_and_evaluate(skip, straight)
+  loop.train_and_evaluate(skip, workdir)
+  loop.train_and_evaluate(skip, straight)
   _assert_same(_params(workdir, skip, step=8), _params(straight, skip, step=8))
   assert logged_scalars(straight, "skipped_records") == {2: 0, 4: 0, 6: 1, 8: 1}
   assert logged_scalars(workdir, "skipped_records") == {6: 1, 8: 1}

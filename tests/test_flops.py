@@ -1,8 +1,12 @@
 """Model FLOPs: the layers read off the model against a table written out by hand from the architecture."""
+from collections import Counter
+
+import flax.linen as nn
 import numpy_reference as ref
 import pytest
 
 from configs import shapes, voc
+from scaleattn.models import fusion
 from scaleattn.perf import flops
 
 # configs/shapes.py:smoke on a 65x65 image, scales (1, 0.5): one 3x3 conv per block (widths 4, 8, 8, 8, 8; pools
@@ -60,6 +64,24 @@ def test_shared_heads_are_counted_where_they_run(fusion, head):
   expected = {layer: n for layer, n in SMOKE_LAYERS.items() if layer not in {(9, 9, 32, 8, 3, 1), (9, 9, 8, 2, 1, 1)}}
   for layer, n in head.items():
     expected[layer] = expected.get(layer, 0) + n
+  assert {tuple(layer): n for layer, n in flops.conv_layers(cfg, 65, 65).items()} == expected
+
+
+class _Probe(fusion.AverageFusion):
+  """A fusion declaring a made-up head: 5x5 from the features to 3 channels on the grid, once per scale."""
+
+  @nn.nowrap
+  def head_layers(self, scores_shape, map_shapes, scales):
+    _, h, w, s, _ = scores_shape
+    return Counter({fusion.Layer(h, w, map_shapes[0][3], 3, 5, 1): s})
+
+
+def test_a_registered_fusion_is_counted_by_what_its_class_declares(monkeypatch):
+  monkeypatch.setitem(fusion.FUSIONS, "probe", _Probe)
+  cfg = shapes.get_config("smoke").model
+  cfg.fusion.name = "probe"
+  expected = {layer: n for layer, n in SMOKE_LAYERS.items() if layer not in {(9, 9, 32, 8, 3, 1), (9, 9, 8, 2, 1, 1)}}
+  expected[(9, 9, 16, 3, 5, 1)] = 2
   assert {tuple(layer): n for layer, n in flops.conv_layers(cfg, 65, 65).items()} == expected
 
 

@@ -1,7 +1,9 @@
 """ScaleFusion against a NumPy transcription of the paper's equations."""
 import os
 import re
+from collections import Counter
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import numpy_reference as ref
 import pytest
 
 from scaleattn import ScaleFusion
+from scaleattn.models import fusion
 
 
 def _np_fusion(method, params, scores, feats):
@@ -225,6 +228,57 @@ def test_bad_inputs_are_reported():
     ScaleFusion("attention").init(jax.random.key(0), scores, feats, train=False)
   with pytest.raises(ValueError, match="one scale per map"):
     ScaleFusion("hierarchical").init(jax.random.key(0), scores, feats, train=False, scales=(1.0,))
+
+
+def test_unknown_method_fails_listing_the_registered_ones():
+  assert tuple(fusion.FUSIONS) == ("attention", "shared_attention", "hierarchical", "average", "max")
+  with pytest.raises(ValueError, match="method='mean'") as err:
+    ScaleFusion("mean", 2)
+  assert all(repr(name) in str(err.value) for name in fusion.FUSIONS)
+
+
+@pytest.mark.parametrize("method", list(fusion.FUSIONS))
+def test_declared_properties_match_the_parameters(method):
+  """`parameter_free`: init makes no parameters; `scale_agnostic`: the same parameter shapes for 2 and 3 scales."""
+  def shapes(s):
+    module = ScaleFusion(method, s, hidden=6)
+    return jax.tree.map(jnp.shape, jax.eval_shape(lambda: module.init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, s, 3)), jnp.zeros((1, 4, 4, s, 2)), train=False)))
+  cls = fusion.FUSIONS[method]
+  assert cls.method == method
+  assert cls.parameter_free == (shapes(2) == {})
+  assert cls.scale_agnostic == (shapes(2) == shapes(3))
+
+
+@pytest.mark.parametrize("own_resolution", [False, True])
+@pytest.mark.parametrize("method", list(fusion.FUSIONS))
+def test_declared_head_layers_are_the_convolutions_run(method, own_resolution):
+  """Each class's `head_layers` (what model FLOPs count) against the convolutions its call runs, intercepted: the
+  3x3 'hidden' conv as one dense conv over all the maps it takes, on the grid it computes on, and the 1x1
+  'logits' conv. Scales out of order, features on the grid or at their own sizes (the highest scale's on the grid)."""
+  scales, sizes = (0.75, 1.0, 0.5), (7, 9, 5)
+  scores = jax.ShapeDtypeStruct((2, 9, 9, 3, 5), jnp.float32)
+  map_shapes = [(2, n, n, 4) if own_resolution else (2, 9, 9, 4) for n in sizes]
+  feats = ([jax.ShapeDtypeStruct(shape, jnp.float32) for shape in map_shapes] if own_resolution
+           else jax.ShapeDtypeStruct((2, 9, 9, 3, 4), jnp.float32))
+  module = ScaleFusion(method, 3, hidden=6)
+  run = Counter()
+
+  def count(next_fun, args, kwargs, context):
+    conv = context.module
+    if context.method_name == "__call__" and isinstance(conv, fusion._ConcatConv3x3):
+      (height, width), depth = args[1], sum(m.shape[-1] for m in args[0])
+      run[(height, width, depth, conv.features, 3, 1)] += 1
+    elif context.method_name == "__call__" and isinstance(conv, nn.Conv):
+      x = args[0]
+      run[(x.shape[1], x.shape[2], x.shape[3], conv.features, conv.kernel_size[0], conv.kernel_dilation or 1)] += 1
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(count):
+    jax.eval_shape(lambda s, f: module.init(jax.random.key(0), s, f, train=False, scales=scales), scores, feats)
+  declared = module.head_layers(scores.shape, map_shapes, scales)
+  assert {tuple(layer): n for layer, n in declared.items()} == dict(run)
+  assert bool(run) != module.parameter_free
 
 
 def test_fusion_module_needs_only_its_sibling_resize_module():

@@ -12,8 +12,12 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from scaleattn import config_validation, datasets, evaluate, export, predict, train
-from scaleattn.datasets import DataError, image_folder
+from scaleattn import data as datasets
+from scaleattn.config import validation
+from scaleattn.data import DataError, image_folder
+from scaleattn.evaluation import segmentation
+from scaleattn.inference import export, predict
+from scaleattn.training import loop
 
 
 def _build(manual_dir, data_dir):
@@ -89,7 +93,7 @@ def test_class_count_and_data_dir_follow_the_manual_dir_flag(tmp_path, monkeypat
   four = _load_config(monkeypatch, "--config=configs/folder.py", f"--config.dataset.manual_dir={tmp_path / 'four'}")
   assert (three.dataset.num_classes, three.model.num_classes, four.model.num_classes) == (3, 3, 4)
   assert datasets.class_names(four.dataset) == ("background", "cat", "dog", "bird")
-  config_validation.validate(three, num_data_devices=1)
+  validation.validate(three, num_data_devices=1)
   assert three.dataset.data_dir.startswith(str(tmp_path / "tfds" / "image_folders" / "three-"))
   assert four.dataset.data_dir.startswith(str(tmp_path / "tfds" / "image_folders" / "four-"))
   before = three.dataset.data_dir
@@ -99,12 +103,12 @@ def test_class_count_and_data_dir_follow_the_manual_dir_flag(tmp_path, monkeypat
                             "--config.dataset.num_classes=5", f"--config.dataset.data_dir={tmp_path}/mine")
   assert (overridden.model.num_classes, overridden.dataset.data_dir) == (5, f"{tmp_path}/mine")
   unset = _load_config(monkeypatch, "--config=configs/folder.py")
-  with pytest.raises(config_validation.ConfigError, match="config.model.num_classes=None: expected at least 2; a "
+  with pytest.raises(validation.ConfigError, match="config.model.num_classes=None: expected at least 2; a "
                      "folder dataset counts its classes in config.dataset.manual_dir, which is not set"):
-    config_validation.validate(unset, num_data_devices=1)
+    validation.validate(unset, num_data_devices=1)
   missing = _load_config(monkeypatch, "--config=configs/folder.py", f"--config.dataset.manual_dir={tmp_path}/none")
   with pytest.raises(DataError, match=f"{tmp_path}/none: no such folder"):
-    config_validation.validate(missing, num_data_devices=1)
+    validation.validate(missing, num_data_devices=1)
 
 
 def test_a_tiny_run_trains_evaluates_predicts_and_exports(tmp_path, monkeypatch):
@@ -115,10 +119,10 @@ def test_a_tiny_run_trains_evaluates_predicts_and_exports(tmp_path, monkeypatch)
                         "--config.train.num_steps=2", "--config.train.eval_every_steps=2",
                         "--config.train.checkpoint_every_steps=2")
   workdir = str(tmp_path / "work")
-  result = train.train_and_evaluate(config, workdir)
+  result = loop.train_and_evaluate(config, workdir)
   assert {"iou/background", "iou/cat", "iou/dog"} <= set(result) and 0 <= result["miou"] <= 1
   assert os.listdir(tmp_path / "tfds" / "image_folders")[0].startswith("data-")
-  evaluated = evaluate.evaluate(config, workdir)["validation"]
+  evaluated = segmentation.evaluate(config, workdir)["validation"]
   assert evaluated["miou"] == pytest.approx(result["miou"])
   written = predict.predict_files(config, workdir, [str(tmp_path / "data" / "images" / "img_01.png")],
                                   str(tmp_path / "predictions"))

@@ -5,7 +5,7 @@ import fake_data
 import numpy as np
 import pytest
 
-from scaleattn import input_pipeline
+from scaleattn.data import input_pipeline
 
 NUM_TRAIN, NUM_VALIDATION = 32, 8  # the 'smoke' scale_shapes config; images 65..81 px
 

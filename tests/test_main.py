@@ -33,8 +33,8 @@ def test_predict_fails_when_no_input_could_be_read(tmp_path):
   import jax  # noqa: PLC0415
 
   from configs import shapes  # noqa: PLC0415
-  from scaleattn import export  # noqa: PLC0415
-  from scaleattn.state import build_experiment  # noqa: PLC0415
+  from scaleattn.experiment import build_experiment  # noqa: PLC0415
+  from scaleattn.inference import export  # noqa: PLC0415
   config = shapes.get_config("smoke")
   model = str(tmp_path / "model.msgpack")
   export.export_model(model, build_experiment(config).init_state(jax.random.key(0)).params, config)

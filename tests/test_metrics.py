@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scaleattn import metrics
+from scaleattn.evaluation import metrics
 
 # 5 classes: 0 and 1 present, 2 present but never predicted, 3 predicted but absent from the ground truth,
 # 4 neither present nor predicted. One void pixel (255).

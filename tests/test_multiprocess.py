@@ -8,6 +8,7 @@ a process still compiling while the other has loaded its steps can reach the fir
 rendezvous allows on a loaded machine."""
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,14 +22,17 @@ import pytest
 from conftest import NUM_TEST_DEVICES
 
 from configs import shapes
-from scaleattn import checkpointing, input_pipeline, train
-from scaleattn.state import build_experiment
+from scaleattn import checkpointing
+from scaleattn.data import input_pipeline
+from scaleattn.experiment import build_experiment
+from scaleattn.training import loop, watchdog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CHECKPOINT_EVERY = 12, 4
 HEARTBEAT_S = 4  # config.distributed.heartbeat_timeout_seconds in these runs (default 100)
 STOP_WITHIN_S = 3 * HEARTBEAT_S + 10  # what the survivor of a kill may take to stop
-HANG_S = 120  # a 2-process run still going after this long is hung (a normal one takes about 40 s)
+STEP_TIMEOUT_S, FIRST_STEPS_TIMEOUT_S = 60, 300  # the watchdog's allowances in these runs (compiles take the second)
+RUN_LIMIT_S = 1200  # a run that has neither finished nor been ended by its watchdog by then hangs silently: a failure
 
 
 def _free_port() -> int:
@@ -54,16 +58,18 @@ def _flags(data_dir, workdir):
           f"--config.train.eval_every_steps={STEPS}", f"--config.train.checkpoint_every_steps={CHECKPOINT_EVERY}",
           "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0", "--compilation_cache_dir=",
           f"--config.distributed.heartbeat_timeout_seconds={HEARTBEAT_S}",
-          f"--config.distributed.shutdown_timeout_seconds={STOP_WITHIN_S}"]
+          f"--config.distributed.shutdown_timeout_seconds={STOP_WITHIN_S}",
+          f"--config.train.step_timeout_seconds={STEP_TIMEOUT_S}",
+          f"--config.train.first_steps_timeout_seconds={FIRST_STEPS_TIMEOUT_S}"]
 
 
-def _start(data_dir, workdir) -> list[subprocess.Popen]:
+def _start(data_dir, workdir, program=("-m", "scaleattn.main"), **env_vars) -> list[subprocess.Popen]:
   """Both processes of a run; each writes its output to WORKDIR.process_N.log (pipes could fill and stall one)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO)
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO, **env_vars)
   return [subprocess.Popen(
-      [sys.executable, "-m", "scaleattn.main", *_flags(data_dir, workdir),
+      [sys.executable, *program, *_flags(data_dir, workdir),
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=env, stdout=open(f"{workdir}.process_{i}.log", "w"), stderr=subprocess.STDOUT)
       for i in range(2)]
@@ -91,13 +97,15 @@ def _wait(procs, timeout_s: float) -> bool:
 
 
 def _finish(procs, data_dir, workdir) -> None:
-  """Waits for a 2-process run to end cleanly. A run whose processes both stay alive past HANG_S (seen about once in
-  ten runs on a loaded 2-core machine: both blocked in a collective, which no heartbeat catches) is killed and
-  restarted once from its last checkpoint, as a user would restart it; resuming is bitwise, so what the tests
-  compare is unchanged."""
-  if not _wait(procs, HANG_S):
+  """Waits for a 2-process run to end cleanly. A process its step watchdog ended (`STALL_EXIT_CODE`: both
+  processes blocked, which no heartbeat catches; seen on a loaded 2-core machine) is restarted once from the last
+  checkpoint, as its scheduler would restart it; resuming is bitwise, so what the tests compare is unchanged. A run
+  that hangs silently past RUN_LIMIT_S fails."""
+  assert _wait(procs, RUN_LIMIT_S), "the run hung without its watchdog ending it:\n" + _log(workdir, 0)[-4000:]
+  if any(p.returncode == watchdog.STALL_EXIT_CODE for p in procs):
+    logging.warning("The watchdog ended a stalled run: %s", _log(workdir, 0)[-2000:])
     procs = _start(data_dir, workdir)
-    _wait(procs, HANG_S)
+    assert _wait(procs, RUN_LIMIT_S), "the restarted run hung without its watchdog ending it"
   for i, p in enumerate(procs):
     assert p.returncode == 0, _log(workdir, i)[-4000:]
 
@@ -124,7 +132,7 @@ def data_dir(tmp_path_factory):
 def single(data_dir, tmp_path_factory):
   """An uninterrupted run in this process (4 devices): its final parameters."""
   workdir = str(tmp_path_factory.mktemp("single"))
-  train.train_and_evaluate(_config(data_dir), workdir)
+  loop.train_and_evaluate(_config(data_dir), workdir)
   return _params(workdir, _config(data_dir))
 
 
@@ -157,7 +165,7 @@ def test_two_process_checkpoint_trains_on_in_one_process(data_dir, single, two_p
   absl_logger.addHandler(handler)
   absl_logger.setLevel(logging.INFO)
   try:
-    train.train_and_evaluate(_config(data_dir), workdir)
+    loop.train_and_evaluate(_config(data_dir), workdir)
   finally:
     absl_logger.removeHandler(handler)
     absl_logger.setLevel(level)
@@ -195,3 +203,26 @@ def test_killed_process_stops_the_other_and_both_resume_exactly(data_dir, two_pr
   resumed, want = _params(workdir, _config(data_dir)), _params(two_processes, _config(data_dir))
   for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_stalled_process_is_ended_by_its_watchdog_and_the_rerun_resumes_exactly(data_dir, two_processes, tmp_path):
+  """Process 1 blocks forever inside the last checkpoint save (tests/stall_probe.py; the first saves have the
+  compile allowance), alive and heartbeating: its watchdog ends it with STALL_EXIT_CODE within its timeout plus a
+  margin, naming the phase and step, with the stacks in the log; process 0 does not finish. The rerun resumes from
+  the checkpoint before and ends with the uninterrupted run's parameters, bit for bit."""
+  workdir = str(tmp_path / "run")
+  procs = _start(data_dir, workdir, program=(os.path.join(REPO, "tests", "stall_probe.py"),),
+                 STALL_STEP=str(STEPS), STALL_PROCESS="1")
+  assert _wait(procs, RUN_LIMIT_S), "the stalled run was not ended"
+  stalled = _log(workdir, 1)
+  assert procs[1].returncode == watchdog.STALL_EXIT_CODE, stalled[-3000:]
+  fired = re.search(rf"phase 'checkpoint_save' of step {STEPS} has made no progress for ([\d.]+) s", stalled)
+  assert fired and float(fired.group(1)) < STEP_TIMEOUT_S + 15, stalled[-3000:]
+  assert "stalled_in_save" in stalled  # the stack of the blocked thread
+  assert procs[0].returncode != 0
+  assert _saved_steps(workdir)[-1:] != [STEPS]
+  _finish(_start(data_dir, workdir), data_dir, workdir)
+  resumed, want = _params(workdir, _config(data_dir)), _params(two_processes, _config(data_dir))
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(x, y)
+

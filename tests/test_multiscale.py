@@ -7,7 +7,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from configs import base
+from scaleattn.config import defaults as base
 from scaleattn.models import DeepLabLargeFOV, MultiScaleNet, ScaleFusion, build_model, registry
 from scaleattn.models.resize import resize_bilinear
 
@@ -176,7 +176,7 @@ def test_a_backbone_plugs_in_through_the_registry(monkeypatch):
   cfg.backbone = {"name": "mean_colour", "gain": 2.0}
   model = build_model(cfg)
   assert isinstance(model.backbone, _MeanColour) and model.backbone.gain == 2.0
-  assert isinstance(model.fusion, ScaleFusion) and model.fusion.method == "average"
+  assert isinstance(model.fusion, registry.FUSIONS["average"]) and model.fusion.method == "average"
   x = jnp.ones((1, 16, 16, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   assert set(variables["params"]) == {"backbone"}

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from scaleattn import ScaleFusion as LinenScaleFusion
+from scaleattn.models.fusion import FUSIONS
 from scaleattn.nnx import ScaleFusion
 
 _GRID, _SIZES = 9, (9, 7, 5)  # feature sizes at their own resolutions: one on the grid, two below it
@@ -91,8 +92,9 @@ def test_dropout_only_in_training():
 
 
 def test_bad_arguments_are_reported():
-  with pytest.raises(ValueError, match="method='mean'"):
+  with pytest.raises(ValueError, match="method='mean'") as err:
     ScaleFusion("mean", 2)
+  assert all(repr(name) in str(err.value) for name in FUSIONS)  # the registered ones
   with pytest.raises(ValueError, match="num_scales=None.*in_features=None.*rngs=None"):  # every problem at once
     ScaleFusion("attention")
   abstract = lambda method, d: nnx.eval_shape(lambda: ScaleFusion(method, in_features=d, hidden=4, rngs=nnx.Rngs(0)))
@@ -108,11 +110,12 @@ def test_bad_arguments_are_reported():
 
 
 def test_nnx_module_needs_only_its_siblings():
-  """fusion_nnx.py can be copied with fusion.py and resize.py: it imports nothing else from this package."""
+  """fusion_nnx.py can be copied with fusion.py and resize.py: it imports nothing else from this package (resize.py
+  comes through fusion.py)."""
   import scaleattn.models.fusion_nnx as fusion_nnx
   with open(fusion_nnx.__file__) as f:
     imported = set(re.findall(r"^\s*(?:from|import)\s+((?:scaleattn|\.)[\w.]*)", f.read(), re.M))
-  assert imported == {".fusion", ".resize"}
+  assert imported == {".fusion"}
 
 
 def _readme_blocks():

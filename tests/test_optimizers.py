@@ -5,8 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import base
-from scaleattn import optimizers
+from scaleattn.config import defaults as base
+from scaleattn.training import optimizers
 
 
 def _params(rng):

@@ -3,7 +3,7 @@ fixed size with a validity mask. Fixtures make the label a function of pixel col
 import numpy as np
 import pytest
 
-from scaleattn import preprocessing
+from scaleattn.data import preprocessing
 
 MEAN = np.array([122.675, 116.669, 104.008], np.float32)
 

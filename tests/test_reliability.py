@@ -21,8 +21,11 @@ import resume_probe
 from conftest import NUM_TEST_DEVICES
 
 from configs import shapes
-from scaleattn import checkpointing, config_validation, input_pipeline, train
-from scaleattn.state import build_experiment
+from scaleattn import checkpointing
+from scaleattn.config import validation
+from scaleattn.data import input_pipeline
+from scaleattn.experiment import build_experiment
+from scaleattn.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAVED = 8  # the step of the 4-device checkpoint
@@ -48,7 +51,7 @@ def runs(tmp_path_factory):
   input_pipeline.create_datasets(resume_probe.config(data_dir))
   assert jax.device_count() == NUM_TEST_DEVICES == 4
   saved = str(tmp / "four_devices")
-  train.train_and_evaluate(resume_probe.config(data_dir, num_steps=SAVED), saved)
+  loop.train_and_evaluate(resume_probe.config(data_dir, num_steps=SAVED), saved)
   workdirs = {devices: (str(tmp / f"resumed_on_{devices}"), str(tmp / f"straight_on_{devices}")) for devices in (2, 8)}
   probes = {}
   for devices, (resumed, straight) in workdirs.items():  # both probes at once: each compiles for its own mesh
@@ -136,6 +139,6 @@ def test_full_disk_as_tensorstore_reports_it(tmp_path, monkeypatch, error, stops
 def test_on_bad_record_choices_are_validated():
   config = shapes.get_config("smoke")
   config.input.on_bad_record = "ignore"
-  with pytest.raises(config_validation.ConfigError, match=r"config.input.on_bad_record='ignore': expected one of "
+  with pytest.raises(validation.ConfigError, match=r"config.input.on_bad_record='ignore': expected one of "
                                                            r"\('raise', 'skip'\)"):
-    config_validation.validate(config, num_data_devices=1)
+    validation.validate(config, num_data_devices=1)

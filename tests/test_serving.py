@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from configs import shapes
-from scaleattn import checkpointing, export, inference, predict_exported, serving, train, visualize
-from scaleattn.preprocessing import CAFFE_MEAN_RGB
-from scaleattn.state import build_experiment
+from scaleattn import checkpointing, inference, visualize
+from scaleattn.data.preprocessing import CAFFE_MEAN_RGB
+from scaleattn.experiment import build_experiment
+from scaleattn.inference import export, exported, serving
+from scaleattn.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 81  # the smoke config's eval_size
@@ -41,7 +43,7 @@ def run(tmp_path_factory):
   ckpts.save(3, state, force=True)
   ckpts.wait_until_finished()
   ckpts.close()
-  train.write_config(config, workdir)
+  loop.write_config(config, workdir)
   return workdir, config, jax.device_get(state.params)
 
 
@@ -146,7 +148,7 @@ def test_predict_exported_writes_pictures_and_fails_when_nothing_was_predicted(r
   Image.fromarray(too_large).save(folder / "large.png")
   (folder / "broken.jpg").write_bytes(b"not an image")
   out = tmp_path / "out"
-  assert predict_exported.main([f"--exported={artefact}", f"--inputs={folder}", f"--out_dir={out}"]) == 0
+  assert exported.main([f"--exported={artefact}", f"--inputs={folder}", f"--out_dir={out}"]) == 0
   assert sorted(os.listdir(out)) == ["a_panel.png", "a_seg.png", "a_seg_color.png", "a_weights_s0.5.png",
                                      "a_weights_s1.png"]
   [(scores, _)] = reference(config, params, [image])
@@ -155,7 +157,7 @@ def test_predict_exported_writes_pictures_and_fails_when_nothing_was_predicted(r
   np.testing.assert_array_equal(label[~ties], scores.argmax(-1)[~ties])
   assert "Wrote 5 files to" in capsys.readouterr().out
 
-  status = predict_exported.main([f"--exported={artefact}", f"--inputs={folder / 'broken.jpg'},{folder / 'large.png'}",
+  status = exported.main([f"--exported={artefact}", f"--inputs={folder / 'broken.jpg'},{folder / 'large.png'}",
                                   f"--out_dir={tmp_path / 'none'}"])
   err = capsys.readouterr().err
   assert status == 1 and "no image gave an output" in err
@@ -170,7 +172,7 @@ def test_the_loader_runs_without_the_package(artefact, tmp_path):
   script = (
       "import importlib.util, sys\n"
       "sys.modules['scaleattn'] = None  # any import of the package now raises ImportError\n"
-      f"spec = importlib.util.spec_from_file_location('serving', {os.path.join(REPO, 'scaleattn', 'serving.py')!r})\n"
+      f"spec = importlib.util.spec_from_file_location('serving', {os.path.join(REPO, 'scaleattn', 'inference', 'serving.py')!r})\n"
       "serving = sys.modules['serving'] = importlib.util.module_from_spec(spec)\n"
       "spec.loader.exec_module(serving)\n"
       "import numpy as np\n"

@@ -11,8 +11,12 @@ from conftest import NUM_TEST_DEVICES, logged_images, logged_scalars
 from PIL import Image
 
 from configs import shapes
-from scaleattn import checkpointing, input_pipeline, sharding, steps, train
-from scaleattn.state import build_experiment
+from scaleattn import checkpointing, sharding
+from scaleattn.data import input_pipeline
+from scaleattn.evaluation import segmentation
+from scaleattn.experiment import build_experiment
+from scaleattn.models import resize
+from scaleattn.training import loop, train_step
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def test_a_short_run_learns_and_writes_everything(data_dir, tmp_path):
                                      "model.backbone.block_widths": (8, 16, 32, 32, 32),
                                      "model.backbone.fc_width": 32})
   assert jax.device_count() == NUM_TEST_DEVICES
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
   loss = logged_scalars(tmp_path, "loss")
   assert sorted(loss) == [50, 100, 150, 200, 250, 300]
   assert loss[300] < 0.9 * loss[50], loss
@@ -68,24 +72,34 @@ def test_a_short_run_learns_and_writes_everything(data_dir, tmp_path):
     np.testing.assert_array_equal(panels[300][0], np.asarray(saved.convert("RGB")))
 
 
-def test_restart_resumes_exactly(data_dir, tmp_path):
+def test_restart_resumes_exactly(data_dir, tmp_path, caplog):
+  """3 steps, then a second invocation that resumes from their checkpoint and runs steps 3..5 (learning rates of the
+  warm-up, none 0): exactly the parameters of 6 uninterrupted steps. The resumed steps moved every parameter tensor,
+  and the second invocation did resume (a run from scratch would end with the same parameters)."""
   config = smoke_config(data_dir, **{"train.eval_every_steps": 100, "eval.num_examples": 0})
   straight = tmp_path / "straight"
-  train.train_and_evaluate(config, str(straight))
+  loop.train_and_evaluate(config, str(straight))
   interrupted = tmp_path / "interrupted"
   first_half = smoke_config(data_dir, **{"train.num_steps": 3, "eval.num_examples": 0})
-  train.train_and_evaluate(first_half, str(interrupted))
-  train.train_and_evaluate(config, str(interrupted))
+  loop.train_and_evaluate(first_half, str(interrupted))
+  caplog.set_level("INFO", logger="absl")
+  loop.train_and_evaluate(config, str(interrupted))
+  assert f"Resumed from step 3 in {interrupted / 'checkpoints'}" in caplog.text
   a, b = _final_params(straight, config), _final_params(interrupted, config)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+  schedule = build_experiment(config).schedule
+  assert min(float(schedule(step)) for step in range(3, 6)) > 0
+  at_3 = jax.tree.leaves(checkpointing.restore_params(str(interrupted), config.train,
+                                                      build_experiment(config).abstract_state, step=3)[0])
+  assert all(np.max(np.abs(x - y)) > 1e-3 * np.max(np.abs(x)) for x, y in zip(jax.tree.leaves(a), at_3, strict=True))
 
 
 def test_sigterm_checkpoints_then_raises_preempted(data_dir, tmp_path, monkeypatch):
   """SIGTERM during step 2: a checkpoint at step 2, then `Preempted` (never a normal return); a rerun finishes."""
   config = smoke_config(data_dir, **{"train.eval_every_steps": 100, "train.checkpoint_every_steps": 100,
                                      "eval.num_examples": 0})
-  jit_train_step = steps.jit_train_step
+  jit_train_step = train_step.jit_train_step
 
   def sigterm_during_step_2(exp):
     train_fn = jit_train_step(exp)
@@ -96,13 +110,13 @@ def test_sigterm_checkpoints_then_raises_preempted(data_dir, tmp_path, monkeypat
       return train_fn(state, batch, rng)
     return step
 
-  monkeypatch.setattr(steps, "jit_train_step", sigterm_during_step_2)
-  with pytest.raises(train.Preempted) as stopped:
-    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(train_step, "jit_train_step", sigterm_during_step_2)
+  with pytest.raises(loop.Preempted) as stopped:
+    loop.train_and_evaluate(config, str(tmp_path))
   assert stopped.value.step == 2
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
   monkeypatch.undo()
-  assert 0.0 <= train.train_and_evaluate(config, str(tmp_path))["miou"] <= 1.0
+  assert 0.0 <= loop.train_and_evaluate(config, str(tmp_path))["miou"] <= 1.0
 
 
 def test_init_from_loads_the_backbone_and_a_resume_wins_over_it(data_dir, tmp_path):
@@ -121,18 +135,18 @@ def test_init_from_loads_the_backbone_and_a_resume_wins_over_it(data_dir, tmp_pa
   config.init_from = path
   exp = build_experiment(config)
   ckpts = checkpointing.Checkpoints(str(tmp_path / "run" / "checkpoints"), config.train)
-  params = jax.device_get(train.initial_state(exp, ckpts).params)
+  params = jax.device_get(loop.start_state(exp, ckpts).params)
   for layer, leaves in pretrained.items():
     for k, v in leaves.items():
       np.testing.assert_array_equal(params["backbone"][layer][k], v)
   for a, b in zip(jax.tree.leaves((params["backbone"]["fc8"], params["fusion"])),
                   jax.tree.leaves((fresh["backbone"]["fc8"], fresh["fusion"])), strict=True):
     np.testing.assert_array_equal(a, b)
-  state = train.initial_state(exp, ckpts).replace(step=jax.numpy.asarray(5, jax.numpy.int32))
+  state = loop.start_state(exp, ckpts).replace(step=jax.numpy.asarray(5, jax.numpy.int32))
   ckpts.save(5, state, force=True)
   ckpts.wait_until_finished()
   config.init_from = str(tmp_path / "missing.npz")  # never read: the checkpoint wins
-  resumed = train.initial_state(build_experiment(config), ckpts)
+  resumed = loop.start_state(build_experiment(config), ckpts)
   ckpts.close()
   assert int(resumed.step) == 5
 
@@ -148,13 +162,13 @@ def test_fusion_override_changes_parameter_tree(data_dir):
 def test_trained_on_two_scales_evaluated_on_an_unseen_set(data_dir, tmp_path):
   """A hierarchical-attention run trained on (1, 0.5) evaluates on (1.5, 1, 0.75, 0.5) from its checkpoint: one
   weight statistic per inference scale, and the weights of every size bin sum to one."""
-  from scaleattn import evaluate
+  from scaleattn.evaluation import segmentation
   config = smoke_config(data_dir, **{"model.fusion.name": "hierarchical", "train.num_steps": 4,
                                      "train.eval_every_steps": 4, "train.checkpoint_every_steps": 4,
                                      "eval.num_examples": 0})
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   config.eval.scales = (1.5, 1.0, 0.75, 0.5)
-  result = evaluate.evaluate(config, str(tmp_path))["validation"]
+  result = segmentation.evaluate(config, str(tmp_path))["validation"]
   names = ("scale_1.5", "scale_1", "scale_0.75", "scale_0.5")
   for size in ("size_0-16", "size_16-32", "size_32-64", "size_64+"):
     if result[f"pixels/{size}"]:
@@ -167,7 +181,7 @@ def test_trained_on_two_scales_evaluated_on_an_unseen_set(data_dir, tmp_path):
 def test_predict_writes_files(data_dir, tmp_path, fusion):
   from PIL import Image
 
-  from scaleattn import predict
+  from scaleattn.inference import predict
   config = smoke_config(data_dir, **{"model.fusion.name": fusion})
   params = jax.device_get(build_experiment(config).init_state(jax.random.key(0)).params)
   images = tmp_path / "images"
@@ -189,18 +203,20 @@ def test_predict_writes_files(data_dir, tmp_path, fusion):
 
 def test_tiled_evaluation_equals_whole_image_evaluation(data_dir):
   """The validation split evaluated whole and tiled (overlap covering the receptive field): the same statistics."""
-  from scaleattn import input_pipeline, tiling
+  from scaleattn.data import input_pipeline
+  from scaleattn.inference import tiling
   config = smoke_config(data_dir, **{"input.eval_size": 161})  # several 129-pixel tiles per side at scale 1
   exp = build_experiment(config)
   params = exp.init_state(jax.random.key(5)).params
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)
   batch = sharding.global_batch(exp.mesh, next(iter(data.eval_batches("validation"))))
-  whole = jax.device_get(steps.jit_eval_step(exp)(params, batch))
+  whole = jax.device_get(segmentation.jit_eval_step(exp)(params, batch))
   config.eval.tile_size = 129
-  config.eval.tile_overlap = tiling.exact_overlap(config.model.backbone)
-  assert len(tiling.plan_axis(161, 129, config.eval.tile_overlap).starts) > 1
-  tiled = jax.device_get(steps.jit_eval_step(build_experiment(config))(params, batch))
+  config.eval.tile_overlap = tiling.exact_overlap(build_experiment(config).eval_model)
+  assert len(tiling.plan_axis(161, 129, config.eval.tile_overlap, 8, resize.output_size).starts) > 1
+  tiled = jax.device_get(segmentation.jit_eval_step(build_experiment(config))(params, batch))
   assert set(tiled) == set(whole)
+  assert np.count_nonzero(whole["confusion"].sum(0)) > 1  # more than one class predicted: tiles could disagree
   np.testing.assert_array_equal(tiled["confusion"], whole["confusion"])
   np.testing.assert_allclose(tiled["weight_sum"], whole["weight_sum"], rtol=1e-4)
 
@@ -221,7 +237,7 @@ def test_eval_step_size_statistics_against_numpy(data_dir):
            "instance_size": rng.choice([0.0, 5.0, 8.0, 20.0, 40.0], (b, size, size)).astype(np.float32)}
   batch["mask"][:, -7:] = False
   batch["label"][:, :3] = 255
-  stats = jax.device_get(steps.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
+  stats = jax.device_get(segmentation.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
   out = exp.model.apply({"params": params}, batch["image"], train=False)
   up = lambda x: ref.bilinear(np.asarray(x, np.float64), (size, size))
   weights, fused, per_scale = up(out.weights), up(out.fused).argmax(-1), up(out.per_scale).argmax(-1)
@@ -250,7 +266,7 @@ def test_flip_evaluation_is_the_mirror_average_of_the_scores(data_dir):
   batch = {"image": rng.normal(0, 60, (b, size, size, 3)).astype(np.float32),
            "label": rng.integers(0, c, (b, size, size)).astype(np.int32), "mask": np.ones((b, size, size), bool)}
   batch["mask"][:, :, -9:] = False
-  stats = jax.device_get(steps.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
+  stats = jax.device_get(segmentation.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
   plain = exp.model.apply({"params": params}, batch["image"], train=False).fused
   mirrored = exp.model.apply({"params": params}, batch["image"][:, :, ::-1], train=False).fused
   average = (np.asarray(plain, np.float64) + np.asarray(mirrored, np.float64)[:, :, ::-1]) / 2
@@ -280,7 +296,7 @@ def test_crf_in_evaluation_refines_the_upsampled_fused_scores(data_dir):
   batch = {"image": rng.normal(0, 60, (4, size, size, 3)).astype(np.float32),
            "label": rng.integers(0, c, (4, size, size)).astype(np.int32), "mask": np.ones((4, size, size), bool)}
   batch["mask"][:, -20:] = False
-  stats = jax.device_get(steps.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
+  stats = jax.device_get(segmentation.jit_eval_step(exp)(params, sharding.global_batch(exp.mesh, batch)))
   fused = exp.model.apply({"params": params}, batch["image"], train=False).fused
   scores = ref.bilinear(np.asarray(fused, np.float64), (size, size)).astype(np.float32)
   rgb = batch["image"] + np.asarray(config.input.mean_rgb, np.float32)

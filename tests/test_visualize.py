@@ -163,8 +163,8 @@ def test_eval_examples_are_cropped_rows_of_the_batch_and_become_panels():
   import jax  # noqa: PLC0415
 
   from configs import shapes  # noqa: PLC0415
-  from scaleattn import predict  # noqa: PLC0415
-  from scaleattn.state import build_experiment  # noqa: PLC0415
+  from scaleattn.evaluation import panels  # noqa: PLC0415
+  from scaleattn.experiment import build_experiment  # noqa: PLC0415
   config = shapes.get_config("smoke")
   exp = build_experiment(config)
   params = exp.init_state(jax.random.key(0)).params
@@ -175,7 +175,7 @@ def test_eval_examples_are_cropped_rows_of_the_batch_and_become_panels():
   batch["mask"][0, :50, :70] = True
   batch["mask"][2:] = True  # row 1 is padding
   batch["label"][0, :3] = 255
-  examples = predict.eval_examples(exp, params, batch, 3)
+  examples = panels.eval_examples(exp, params, batch, 3)
   assert [ex.index for ex in examples] == [0, 2]
   first = examples[0]
   np.testing.assert_array_equal(first.image, np.clip(batch["image"][0, :50, :70] + mean, 0, 255).astype(np.uint8))
@@ -184,7 +184,7 @@ def test_eval_examples_are_cropped_rows_of_the_batch_and_become_panels():
   assert first.weights.shape == (50, 70, 2)
   np.testing.assert_allclose(first.weights.sum(-1), 1.0, atol=1e-5)
   assert examples[1].image.shape == (size, size, 3)
-  panels = predict.eval_panels(exp, params, batch, 3, "validation")
+  panels = panels.eval_panels(exp, params, batch, 3, "validation")
   assert sorted(panels) == ["validation/example_000", "validation/example_002"]
   for panel in panels.values():
     assert panel.dtype == np.uint8 and panel.ndim == 4 and panel.shape[0] == 1 and panel.shape[-1] == 3
@@ -196,8 +196,9 @@ def test_eval_examples_run_tiled_where_evaluation_does(monkeypatch):
   import jax  # noqa: PLC0415
 
   from configs import shapes  # noqa: PLC0415
-  from scaleattn import predict, tiling  # noqa: PLC0415
-  from scaleattn.state import build_experiment  # noqa: PLC0415
+  from scaleattn.evaluation import panels  # noqa: PLC0415
+  from scaleattn.experiment import build_experiment  # noqa: PLC0415
+  from scaleattn.inference import predict, tiling  # noqa: PLC0415
   config = shapes.get_config("smoke")
   config.eval.tile_size, config.eval.tile_overlap = 49, 24
   exp = build_experiment(config)
@@ -210,7 +211,7 @@ def test_eval_examples_run_tiled_where_evaluation_does(monkeypatch):
   upsampled = []
   upsample = tiling.TiledForward.upsample
   monkeypatch.setattr(tiling.TiledForward, "upsample", lambda self, *a: upsampled.append(a[2:]) or upsample(self, *a))
-  examples = predict.eval_examples(exp, params, batch, 2)
+  examples = panels.eval_examples(exp, params, batch, 2)
   assert upsampled == [(60, 75), (size, size)]  # one tiled pass per example, at its real size
   assert examples[0].prediction.shape == (60, 75) and examples[0].weights.shape == (60, 75, 2)
   np.testing.assert_allclose(examples[1].weights.sum(-1), 1.0, atol=1e-5)

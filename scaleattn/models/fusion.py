@@ -1,5 +1,6 @@
-"""ScaleFusion: merges per-scale score maps into one (Chen et al., "Attention to Scale", CVPR 2016, and two
-scale-agnostic successors).
+"""Fusions: merge per-scale score maps into one (Chen et al., "Attention to Scale", CVPR 2016, and two
+scale-agnostic successors). One class per method, registered by name in FUSIONS; `ScaleFusion(method, ...)` builds
+the registered one.
 
 Depends on jax, flax and its sibling `resize.py` only, so the two files can be copied into any Flax model. Scores
 of every scale must already be on one grid; features may be too, or may stay at each scale's own resolution::
@@ -35,6 +36,9 @@ Methods, per pixel i and class c, with head(x) = a 3x3 conv (`hidden` channels) 
   'max':              fused_{i,c} = max_s scores_{i,c}^s; the weights are the one-hot of the scale holding the
                       maximum of the winning class (what the paper shows for max pooling).
 'average' and 'max' have no parameters; every method except 'attention' runs on scale sets it was not trained on.
+Each class declares these (`parameter_free`, `scale_agnostic`) and its head's convolutions (`head_layers`, what
+model FLOPs count), so callers read the class instead of naming methods. A new method is one class decorated with
+`@register(name)`.
 
 For 'attention' and 'shared_attention', features given at their own resolutions are resized (bilinear, align
 corners) inside the head's first layer, after its per-tap channel projection: resizing is linear and acts on each
@@ -45,8 +49,9 @@ gives other weights for features resized first.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import flax.linen as nn
 import jax
@@ -55,13 +60,56 @@ from jax import lax
 
 from .resize import resizer  # relative: the two files travel together
 
-METHODS = ("attention", "shared_attention", "hierarchical", "average", "max")
-# Methods whose parameters do not depend on the number or order of the scales.
-SCALE_AGNOSTIC = ("shared_attention", "hierarchical", "average", "max")
-PARAMETER_FREE = ("average", "max")
-
-
 ToGrid = Callable[[jax.Array], jax.Array]
+Head = Callable[[Sequence[jax.Array], tuple[int, int], Sequence[ToGrid] | None], jax.Array]
+Shape = tuple[int, ...]
+
+
+class Layer(NamedTuple):
+  """One convolution as model FLOPs count it: a kernel x kernel conv from cin to cout channels on a height x width
+  input, every tap counted."""
+  height: int
+  width: int
+  cin: int
+  cout: int
+  kernel: int
+  dilation: int
+
+
+FUSIONS: dict[str, type[Fusion]] = {}  # method name -> class, filled by `register`
+_F = TypeVar("_F", bound="Fusion")
+
+
+def register(method: str) -> Callable[[type[_F]], type[_F]]:
+  """Class decorator: names the class `method` in FUSIONS, the one table config.model.fusion.name and
+  `ScaleFusion` read."""
+  def add(cls: type[_F]) -> type[_F]:
+    if method in FUSIONS:
+      raise ValueError(f"register({method!r}): already the name of {FUSIONS[method].__name__}")
+    cls.method = method
+    FUSIONS[method] = cls
+    return cls
+  return add
+
+
+def ScaleFusion(method: str, num_scales: int | None = None, **settings: Any) -> Fusion:
+  """The fusion registered as `method`, e.g. ScaleFusion("attention", num_scales=2, hidden=64); `settings` are the
+  class's other fields (hidden, dropout_rate, dtype) and linen's `name`."""
+  if method not in FUSIONS:
+    raise ValueError(f"ScaleFusion: method={method!r}: expected one of {tuple(FUSIONS)}")
+  return FUSIONS[method](num_scales, **settings)
+
+
+def per_scale(features: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
+  """The features as S maps [B, h_s, w_s, D]: the sequence given, or the slices of [B, H, W, S, D]."""
+  if isinstance(features, (list, tuple)):
+    return list(features)
+  return [features[:, :, :, i] for i in range(features.shape[3])]
+
+
+def _highest_first(num_scales: int, scales: Sequence[float] | None) -> list[int]:
+  """The S axis's indices from the highest scale to the lowest (without `scales`: the axis's own order)."""
+  return sorted(range(num_scales), key=lambda i: -scales[i]) if scales is not None else list(range(num_scales))
 
 
 def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
@@ -102,18 +150,21 @@ class _ConcatConv3x3(nn.Module):
     return out
 
 
-class ScaleFusion(nn.Module):
+class Fusion(nn.Module):
   """Fuses scores [B, H, W, S, C] over S scales; returns (fused [B, H, W, C], weights [B, H, W, S]).
 
-  Head parameters: 'hidden' (3x3 conv, init normal std 0.005) and 'logits' (1x1 conv, std 0.01; S outputs for
-  'attention', 1 for the shared heads), zero biases, float32; `dtype` is the compute dtype (softmax and sigmoid are
-  always float32). `num_scales` is required by 'attention' and checked against the input when given.
+  Every method takes the same fields, so one config serves any: `num_scales` is required where the parameters
+  depend on S (not `scale_agnostic`) and checked against the input when given; `hidden` and `dropout_rate` shape
+  the methods' heads; `dtype` is the compute dtype (softmax and sigmoid are always float32).
   """
-  method: str
   num_scales: int | None = None
   hidden: int = 512
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+
+  method: ClassVar[str]  # its name in FUSIONS, set by `register`
+  scale_agnostic: ClassVar[bool]  # its parameters depend neither on the number nor on the order of the scales
+  parameter_free: ClassVar[bool]
 
   @nn.compact
   def __call__(self, scores: jax.Array, features: jax.Array | Sequence[jax.Array], *, train: bool,
@@ -125,12 +176,10 @@ class ScaleFusion(nn.Module):
     the S axis is ordered from the highest scale to the lowest). to_grid: per map, how a map at its resolution is
     brought to the grid (default: the bilinear resize of the whole map; tiled inference passes the slice of that
     resize landing in a window)."""
-    if self.method not in METHODS:
-      raise ValueError(f"ScaleFusion.method={self.method!r}: expected one of {METHODS}")
-    if self.method == "attention" and self.num_scales is None:
-      raise ValueError("ScaleFusion('attention'): num_scales is required (the head has one output per scale)")
-    maps = list(features) if isinstance(features, (list, tuple)) else [
-        features[:, :, :, i] for i in range(features.shape[3])]
+    if not self.scale_agnostic and self.num_scales is None:
+      raise ValueError(f"ScaleFusion({self.method!r}): num_scales is required (its parameters depend on the number "
+                       "of scales)")
+    maps = per_scale(features)
     shapes = [m.shape for m in maps]
     s = scores.shape[3] if scores.ndim == 5 else -1
     if (scores.ndim != 5 or self.num_scales not in (None, s) or len(maps) != s
@@ -139,47 +188,140 @@ class ScaleFusion(nn.Module):
                        f"and features [B, H, W, S, D] or S maps [B, h_s, w_s, D], S = num_scales = {self.num_scales}")
     if scales is not None and len(scales) != s:
       raise ValueError(f"ScaleFusion: scales={tuple(scales)} for {s} score maps: expected one scale per map")
-    b, h, w, _, _ = scores.shape
-    if self.method == "average":
-      return scores.mean(axis=3), jnp.full((b, h, w, s), 1.0 / s, scores.dtype)
-    if self.method == "max":
-      fused = scores.max(axis=3)
-      winner = jnp.argmax(fused, axis=-1)[..., None, None]  # [B, H, W, 1, 1]
-      at_winner = jnp.take_along_axis(scores, winner, axis=-1)[..., 0]  # [B, H, W, S]
-      return fused, jax.nn.one_hot(jnp.argmax(at_winner, axis=-1), s, dtype=scores.dtype)
+    return self.fuse(scores, maps, train=train, scales=scales, to_grid=to_grid)
 
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    """The method on checked inputs (`maps`: the S feature maps); each class defines it."""
+    raise NotImplementedError(f"{type(self).__name__}.fuse")
+
+  @nn.nowrap
+  def head_layers(self, scores_shape: Shape, map_shapes: Sequence[Shape], scales: Sequence[float] | None
+                  ) -> Counter[Layer]:
+    """The convolutions the call runs on scores of `scores_shape` [B, H, W, S, C] and features of `map_shapes`
+    (S maps [B, h_s, w_s, D]) at `scales`, each with how many times it runs; each class defines it."""
+    raise NotImplementedError(f"{type(self).__name__}.head_layers")
+
+
+class _Headed(Fusion):
+  """Weights from a learned head: 'hidden' (3x3 conv to `hidden` channels, init normal std 0.005), ReLU, dropout
+  in training, 'logits' (1x1 conv, std 0.01); zero biases, float32 parameters."""
+  parameter_free = False
+
+  def _head(self, outputs: int, train: bool) -> Head:
+    """The head with `outputs` logits, as a function of (maps, grid, to_grid) to float32 [B, *grid, outputs]."""
     hidden = _ConcatConv3x3(self.hidden, dtype=self.dtype, name="hidden")
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    logits = nn.Conv(s if self.method == "attention" else 1, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                     name="logits", kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+    logits = nn.Conv(outputs, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="logits",
+                     kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+    return lambda maps, grid, bring: logits(dropout(nn.relu(hidden(maps, grid, bring)))).astype(jnp.float32)
 
-    def head(inputs: Sequence[jax.Array], grid: tuple[int, int], bring: Sequence[ToGrid] | None) -> jax.Array:
-      return logits(dropout(nn.relu(hidden(inputs, grid, bring)))).astype(jnp.float32)
 
-    if self.method == "hierarchical":
-      return self._hierarchical(scores, maps, scales, lambda m: head([m], m.shape[1:3], None), to_grid)
-    if self.method == "attention":
-      h_logits = head(maps, (h, w), to_grid)
-    else:  # shared_attention
-      h_logits = jnp.concatenate([head([m], (h, w), None if to_grid is None else [to_grid[i]])
-                                  for i, m in enumerate(maps)], axis=-1)
-    weights = jax.nn.softmax(h_logits, axis=-1).astype(scores.dtype)
-    return jnp.einsum("bhws,bhwsc->bhwc", weights, scores), weights
+def _softmax_fused(scores: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Weights softmax_s(logits [B, H, W, S]) and the scores summed with them."""
+  weights = jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
+  return jnp.einsum("bhws,bhwsc->bhwc", weights, scores), weights
 
-  @staticmethod
-  def _hierarchical(scores: jax.Array, maps: Sequence[jax.Array], scales: Sequence[float] | None,
-                    attention_logit: Callable[[jax.Array], jax.Array], to_grid: Sequence[ToGrid] | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Tao et al.'s pairwise combination from the highest scale down, and the per-scale weights it amounts to
-    (each attention map brought to the scores' grid by `to_grid`, default the bilinear resize)."""
+
+@register("attention")
+class AttentionFusion(_Headed):
+  """The paper's: one head over the features of all scales concatenated, one logit per scale."""
+  scale_agnostic = False
+
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    return _softmax_fused(scores, self._head(scores.shape[3], train)(maps, scores.shape[1:3], to_grid))
+
+  @nn.nowrap
+  def head_layers(self, scores_shape: Shape, map_shapes: Sequence[Shape], scales: Sequence[float] | None
+                  ) -> Counter[Layer]:
+    _, h, w, s, _ = scores_shape
+    return Counter({Layer(h, w, s * map_shapes[0][3], self.hidden, 3, 1): 1, Layer(h, w, self.hidden, s, 1, 1): 1})
+
+
+@register("shared_attention")
+class SharedAttentionFusion(_Headed):
+  """One head with one logit, run on each scale's features on the grid; softmax over the scales present."""
+  scale_agnostic = True
+
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    head, grid = self._head(1, train), scores.shape[1:3]
+    return _softmax_fused(scores, jnp.concatenate([head([m], grid, None if to_grid is None else [to_grid[i]])
+                                                   for i, m in enumerate(maps)], axis=-1))
+
+  @nn.nowrap
+  def head_layers(self, scores_shape: Shape, map_shapes: Sequence[Shape], scales: Sequence[float] | None
+                  ) -> Counter[Layer]:
+    _, h, w, s, _ = scores_shape
+    return Counter({Layer(h, w, map_shapes[0][3], self.hidden, 3, 1): s, Layer(h, w, self.hidden, 1, 1, 1): s})
+
+
+@register("hierarchical")
+class HierarchicalFusion(_Headed):
+  """Tao et al.'s pairwise combination from the highest scale down; the head runs on each scale's own grid but the
+  highest's."""
+  scale_agnostic = True
+
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    """The combination and the per-scale weights it amounts to, each attention map brought to the scores' grid by
+    `to_grid` (default the bilinear resize)."""
     s = scores.shape[3]
+    head = self._head(1, train)
     to_grid = [resizer(scores.shape[1:3])] * s if to_grid is None else to_grid
-    order = sorted(range(s), key=lambda i: -scales[i]) if scales is not None else list(range(s))
+    order = _highest_first(s, scales)
     fused = scores[:, :, :, order[0]]
     weights = jnp.zeros(scores.shape[:4], jnp.float32).at[..., order[0]].set(1.0)
     for i in order[1:]:
-      a = to_grid[i](jax.nn.sigmoid(attention_logit(maps[i])))  # [B, H, W, 1], as Tao et al.
+      a = to_grid[i](jax.nn.sigmoid(head([maps[i]], maps[i].shape[1:3], None)))  # [B, H, W, 1], as Tao et al.
       fused = a.astype(scores.dtype) * scores[:, :, :, i] + (1 - a).astype(scores.dtype) * fused
       weights = (1 - a) * weights
       weights = weights.at[..., i].add(a[..., 0])
     return fused, weights.astype(scores.dtype)
+
+  @nn.nowrap
+  def head_layers(self, scores_shape: Shape, map_shapes: Sequence[Shape], scales: Sequence[float] | None
+                  ) -> Counter[Layer]:
+    layers = Counter()
+    for i in _highest_first(scores_shape[3], scales)[1:]:
+      _, h, w, d = map_shapes[i]
+      layers.update({Layer(h, w, d, self.hidden, 3, 1): 1, Layer(h, w, self.hidden, 1, 1, 1): 1})
+    return layers
+
+
+class _Pooling(Fusion):
+  """A fixed rule on the scores: no parameters, no head, any set of scales."""
+  scale_agnostic = True
+  parameter_free = True
+
+  @nn.nowrap
+  def head_layers(self, scores_shape: Shape, map_shapes: Sequence[Shape], scales: Sequence[float] | None
+                  ) -> Counter[Layer]:
+    return Counter()
+
+
+@register("average")
+class AverageFusion(_Pooling):
+  """w_i^s = 1 / S."""
+
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    b, h, w, s, _ = scores.shape
+    return scores.mean(axis=3), jnp.full((b, h, w, s), 1.0 / s, scores.dtype)
+
+
+@register("max")
+class MaxFusion(_Pooling):
+  """The maximum over the scales; weights: the one-hot of the scale holding the winning class's maximum."""
+
+  def fuse(self, scores: jax.Array, maps: list[jax.Array], *, train: bool, scales: Sequence[float] | None,
+           to_grid: Sequence[ToGrid] | None) -> tuple[jax.Array, jax.Array]:
+    fused = scores.max(axis=3)
+    winner = jnp.argmax(fused, axis=-1)[..., None, None]  # [B, H, W, 1, 1]
+    at_winner = jnp.take_along_axis(scores, winner, axis=-1)[..., 0]  # [B, H, W, S]
+    return fused, jax.nn.one_hot(jnp.argmax(at_winner, axis=-1), scores.shape[3], dtype=scores.dtype)
+
+# The names by what the classes above declare, for callers that list them (config checks, launch scripts).
+SCALE_AGNOSTIC = tuple(name for name, cls in FUSIONS.items() if cls.scale_agnostic)
+PARAMETER_FREE = tuple(name for name, cls in FUSIONS.items() if cls.parameter_free)

@@ -7,7 +7,7 @@ its region, exactly what it gives alone. The vmapped scale-execution path relies
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from scaleattn.models.layers import Conv, max_pool_3x3
-from scaleattn.models.resize import pool_size
+from scaleattn.models.resize import output_size, pool_size
 
 BLOCK_OUTPUT = "block_output"  # the name `per_block` rematerialisation saves (checkpoint_name)
 
@@ -52,6 +52,29 @@ class DeepLabLargeFOV(nn.Module):
   fc8_init_std: float | None = 0.01
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+
+  # The backbone contract: what multi-scale execution, tiling, rematerialisation and the steps read off a backbone.
+  supports_valid_size: ClassVar[bool] = True  # confines itself to `valid_size` (the vmapped scale execution)
+  remat_names: ClassVar[tuple[str, ...]] = (BLOCK_OUTPUT,)  # the tags 'per_block' rematerialisation saves
+  state_collections: ClassVar[tuple[str, ...]] = ()  # variables besides 'params' (none: no batch norm)
+
+  @property
+  def output_stride(self) -> int:
+    return 8
+
+  def output_size(self, n: int) -> int:
+    """The output grid's length for an input of n pixels: three ceil-mode stride-2 pools."""
+    return output_size(n)
+
+  def weight_options(self) -> dict[str, int]:
+    """What weight converters need to fit this backbone (`scaleattn.weights`): fc6/fc7's width, to which
+    full-size VGG-16 fc layers are decimated."""
+    return {"fc_width": self.fc_width}
+
+  def receptive_radius(self) -> int:
+    """Input pixels each side of an output cell's centre that its value depends on (exact tiling needs twice it)."""
+    return receptive_radius(self.block_depths, self.conv5_dilation, self.fc6_dilation, self.fc6_kernel,
+                            self.stride1_pools)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool, valid_size: jax.Array | None = None

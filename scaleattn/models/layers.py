@@ -46,10 +46,10 @@ def max_pool_3x3(x: jax.Array, stride: int, impl: str) -> jax.Array:
   """Caffe's ceil-mode 3x3 max-pool with pad 1 on [B, H, W, C]; stride 2 gives pool_size(H) rows."""
   if stride not in (1, 2):
     raise ValueError(f"max_pool_3x3: stride={stride}, expected 1 or 2")
-  if impl == "cpu":
-    return cpu_pool.max_pool_3x3(x, stride)
   h, w = x.shape[1:3]
   out_h, out_w = (pool_size(h), pool_size(w)) if stride == 2 else (h, w)
+  if impl == "cpu":
+    return cpu_pool.max_pool_3x3(x, stride, out_h, out_w)
   pad_h, pad_w = stride * (out_h - 1) + 2 - h, stride * (out_w - 1) + 2 - w  # bottom/right: ceil mode
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1),
                            ((0, 0), (1, pad_h), (1, pad_w), (0, 0)))

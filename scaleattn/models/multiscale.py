@@ -20,13 +20,18 @@ import jax
 import jax.numpy as jnp
 
 from scaleattn.models import resize
-from scaleattn.models.largefov import BLOCK_OUTPUT
 
 SCALE_EXECUTIONS = ("loop", "vmap")
 # Rematerialisation of the backbone in the backward pass: 'per_scale' keeps only each scale's input and recomputes
-# the whole backbone pass; 'per_block' also keeps every block's output (tagged BLOCK_OUTPUT by the backbone).
-REMAT_POLICIES = {"none": None, "per_scale": jax.checkpoint_policies.nothing_saveable,
-                  "per_block": jax.checkpoint_policies.save_only_these_names(BLOCK_OUTPUT)}
+# the whole backbone pass; 'per_block' also keeps every block's output (the names the backbone's `remat_names`
+# declares).
+REMAT_POLICIES = ("none", "per_scale", "per_block")
+
+
+def remat_policy(name: str, backbone: nn.Module) -> Callable | None:
+  """The jax.checkpoint policy of rematerialisation `name` for `backbone`."""
+  return {"none": None, "per_scale": jax.checkpoint_policies.nothing_saveable,
+          "per_block": jax.checkpoint_policies.save_only_these_names(*backbone.remat_names)}[name]
 
 
 @flax.struct.dataclass
@@ -69,24 +74,28 @@ class MultiScaleNet(nn.Module):
     inputs = self.scale_inputs(images)
     height, width = images.shape[1:3]
     sizes = [x.shape[1:3] for x in inputs]
-    out_sizes = [(resize.output_size(h), resize.output_size(w)) for h, w in sizes]
 
     def run_backbone(module: nn.Module, x: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
       return module(x, train=train, valid_size=valid)
 
     if self.remat != "none":
-      run_backbone = nn.remat(run_backbone, policy=REMAT_POLICIES[self.remat])
+      run_backbone = nn.remat(run_backbone, policy=remat_policy(self.remat, self.backbone))
     if self.scale_execution == "loop":
       outs = [run_backbone(self.backbone, x, None) for x in inputs]
     else:
+      if not self.backbone.supports_valid_size:
+        raise ValueError(f"MultiScaleNet: scale_execution='vmap' needs a backbone that confines itself to each "
+                         f"scale's valid region; {type(self.backbone).__name__} does not; use 'loop'")
       if max(scales) > 1.0:
         raise ValueError(f"MultiScaleNet.scales={scales}: scale_execution='vmap' pads onto the scale-1 canvas, so "
                          "it needs every scale <= 1; use 'loop'")
       canvas = jnp.stack([jnp.pad(x, ((0, 0), (0, height - x.shape[1]), (0, width - x.shape[2]), (0, 0)))
                           for x in inputs])  # [S, B, H, W, 3], zeros outside each scale
-      run = nn.vmap(run_backbone, in_axes=(0, 0), out_axes=0, variable_axes={"params": None},
+      shared = ("params", *self.backbone.state_collections)  # one backbone, with its state, for every scale
+      run = nn.vmap(run_backbone, in_axes=(0, 0), out_axes=0, variable_axes=dict.fromkeys(shared),
                     split_rngs={"params": False, "dropout": True})
       all_scores, all_feats = run(self.backbone, canvas, jnp.asarray(sizes, jnp.int32))
+      out_sizes = [(self.backbone.output_size(h), self.backbone.output_size(w)) for h, w in sizes]
       outs = [(all_scores[i, :, :h, :w], all_feats[i, :, :h, :w]) for i, (h, w) in enumerate(out_sizes)]
     return self.fuse(outs, train=train)
 

@@ -1,8 +1,10 @@
 """The one place backbones and fusion methods are named: `config.model.backbone.name` and
 `config.model.fusion.name` pick a factory here, and the rest of each sub-config is passed to it as keywords.
 
-Adding a backbone is one module (output stride 8, `(images, *, train, valid_size=None) -> (scores, features)`)
-plus one line in BACKBONES; adding a fusion method is one line in FUSIONS.
+Adding a backbone is one module that keeps the backbone contract (see `largefov.DeepLabLargeFOV`: `(images, *,
+train, valid_size=None) -> (scores, features)`, `output_stride`, `output_size`, `receptive_radius`, `remat_names`,
+`state_collections`, `supports_valid_size`, `weight_options`) plus one line in BACKBONES; adding a fusion method is
+one class in fusion.py decorated with `@register(name)`.
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from scaleattn.models import fusion, largefov
+from scaleattn.models import fusion, largefov, resnet
 from scaleattn.models.multiscale import MultiScaleNet
 
 # name -> factory(num_classes=, dtype=, conv_impl=, **config.model.backbone)
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"largefov": largefov.DeepLabLargeFOV}
-# name -> factory(num_scales=, dtype=, **config.model.fusion)
-FUSIONS: dict[str, Callable[..., nn.Module]] = {method: functools.partial(fusion.ScaleFusion, method)
-                                                for method in fusion.METHODS}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "largefov": largefov.DeepLabLargeFOV,
+    **{f"resnet{depth}": functools.partial(resnet.DeepLabV2, block_depths=blocks)
+       for depth, blocks in resnet.BLOCK_DEPTHS.items()},
+}
+# name -> class(num_scales=, dtype=, **config.model.fusion): fusion.py's table, filled by `fusion.register`
+FUSIONS: dict[str, type[fusion.Fusion]] = fusion.FUSIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _SUPPLIED = {"num_classes", "num_scales", "dtype", "conv_impl", "name", "parent"}  # set here, not by the config
 
@@ -35,6 +40,13 @@ def _settings(sub: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in sub.items() if k != "name"}
 
 
+def build_backbone(cfg: ml_collections.ConfigDict, conv_impl: str = "xla") -> nn.Module:
+  """The backbone of `config.model`, unbound: what it declares (output stride and size, receptive field, remat
+  names, non-parameter state) can be read without parameters."""
+  return BACKBONES[cfg.backbone.name](num_classes=cfg.num_classes, dtype=DTYPES[cfg.dtype], conv_impl=conv_impl,
+                                      **_settings(cfg.backbone))
+
+
 def build_model(cfg: ml_collections.ConfigDict, conv_impl: str = "xla", scales: Sequence[float] | None = None
                 ) -> MultiScaleNet:
   """MultiScaleNet from `config.model`; `conv_impl` is the resolved kernel choice ('xla' or 'cpu',
@@ -42,8 +54,7 @@ def build_model(cfg: ml_collections.ConfigDict, conv_impl: str = "xla", scales: 
   config.model.scales (inference on another scale set: the same parameters, for the scale-agnostic fusions)."""
   scales = tuple(float(s) for s in (cfg.scales if scales is None else scales))
   dtype = DTYPES[cfg.dtype]
-  backbone = BACKBONES[cfg.backbone.name](num_classes=cfg.num_classes, dtype=dtype, conv_impl=conv_impl,
-                                          **_settings(cfg.backbone))
+  backbone = build_backbone(cfg, conv_impl)
   fuse = None if len(scales) == 1 else FUSIONS[cfg.fusion.name](num_scales=len(scales), dtype=dtype,
                                                                  **_settings(cfg.fusion))
   return MultiScaleNet(backbone=backbone, fusion=fuse, scales=scales, scale_execution=cfg.scale_execution,

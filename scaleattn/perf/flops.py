@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from scaleattn.models import ScaleFusion, build_model
+from scaleattn.models import build_model
+from scaleattn.models.fusion import Fusion, Layer, per_scale
 from scaleattn.models.layers import Conv
-
-Layer = collections.namedtuple("Layer", "height width cin cout kernel dilation")
 
 
 def conv_layers(cfg: ml_collections.ConfigDict, height: int, width: int) -> collections.Counter:
   """Layer -> how many times the model of `cfg` (config.model) runs it on one height x width image: every
-  backbone convolution at each scale's own size, and the fusion's head (`head_layers`)."""
+  backbone convolution at each scale's own size, and the fusion's head as its class declares it (`head_layers`)."""
   cfg = cfg.copy_and_resolve_references()
   cfg.scale_execution = "loop"  # each scale at its own size: the network's work, not the padding's
   cfg.remat = "none"  # the network's work, not the recomputation's
@@ -36,36 +35,14 @@ def conv_layers(cfg: ml_collections.ConfigDict, height: int, width: int) -> coll
     if context.method_name == "__call__" and isinstance(module, Conv):
       x = args[0]
       seen[Layer(x.shape[1], x.shape[2], x.shape[3], module.features, module.kernel_size, module.dilation)] += 1
-    elif context.method_name == "__call__" and isinstance(module, ScaleFusion):
-      seen.update(head_layers(module, args[0], args[1], kwargs.get("scales")))
+    elif context.method_name == "__call__" and isinstance(module, Fusion):
+      seen.update(module.head_layers(args[0].shape, [m.shape for m in per_scale(args[1])], kwargs.get("scales")))
     return next_fun(*args, **kwargs)
 
   images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   return seen
-
-
-def head_layers(module: ScaleFusion, scores: jax.Array, maps, scales) -> collections.Counter:
-  """The fusion heads' convolutions: the paper's one head over the concatenated features on the scale-1 grid; the
-  shared head once per scale on that grid; Tao et al.'s head on each scale's own grid but the highest's."""
-  _, h, w, s, _ = scores.shape
-  maps = list(maps) if isinstance(maps, (list, tuple)) else [maps[:, :, :, i] for i in range(s)]
-  d = maps[0].shape[-1]
-  layers = collections.Counter()
-  if module.method == "attention":
-    layers[Layer(h, w, s * d, module.hidden, 3, 1)] += 1
-    layers[Layer(h, w, module.hidden, s, 1, 1)] += 1
-  elif module.method == "shared_attention":
-    layers[Layer(h, w, d, module.hidden, 3, 1)] += s
-    layers[Layer(h, w, module.hidden, 1, 1, 1)] += s
-  elif module.method == "hierarchical":
-    highest = max(range(s), key=lambda i: scales[i]) if scales is not None else 0
-    for i, m in enumerate(maps):
-      if i != highest:
-        layers[Layer(m.shape[1], m.shape[2], d, module.hidden, 3, 1)] += 1
-        layers[Layer(m.shape[1], m.shape[2], module.hidden, 1, 1, 1)] += 1
-  return layers
 
 
 def layer_flops(layer: Layer) -> int:
