@@ -30,15 +30,20 @@ from ml_collections import config_flags
 from launch import grid_runs
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/shapes.py:ablation", "Config of every run; cells override "
-                                "model.scales, model.fusion.name, loss.extra_supervision and seed.", lock_config=False)
-flags.DEFINE_bool("reduced", False, "One seed and scales {1, 0.5} only.")
-flags.DEFINE_integer("seeds", 3, "Seeds per cell (0..n-1).")
-flags.DEFINE_list("cells", [], "Only these cells (names as in the table), e.g. 'baseline,s2-attention-esupv'.")
-flags.DEFINE_integer("workers", 2, "Parallel runs, each pinned to one CPU core (1: no pinning).")
-flags.DEFINE_string("workdir", "workdirs/ablation", "Where the runs live.")
-flags.DEFINE_string("results", "launch/results", "Where the tables and figures go.")
-flags.DEFINE_integer("examples", 4, "Test images in attention_examples.png.")
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs (other launchers import this module's grid without them)."""
+  config_flags.DEFINE_config_file("config", "configs/shapes.py:ablation", "Config of every run; cells override "
+                                  "model.scales, model.fusion.name, loss.extra_supervision and seed.", lock_config=False)
+  flags.DEFINE_bool("reduced", False, "One seed and scales {1, 0.5} only.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per cell (0..n-1).")
+  flags.DEFINE_list("cells", [], "Only these cells (names as in the table), e.g. 'baseline,s2-attention-esupv'.")
+  flags.DEFINE_integer("workers", 2, "Parallel runs, each pinned to one CPU core (1: no pinning).")
+  flags.DEFINE_string("workdir", "workdirs/ablation", "Where the runs live.")
+  flags.DEFINE_string("results", "launch/results", "Where the tables and figures go.")
+  flags.DEFINE_integer("examples", 4, "Test images in attention_examples.png.")
+
 
 # mIoU (%) without / with extra supervision, from the paper (PASCAL-Person-Part val and VOC 2012 val, ImageNet init).
 PAPER = {
@@ -241,4 +246,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -43,10 +43,10 @@ flags.DEFINE_string("results", "launch/results", "Where crf_shapes.{json,md} go.
 
 def _miou(config: ml_collections.ConfigDict, workdir: str, split: str, num_batches: int | None) -> tuple[float, float]:
   """mIoU of the workdir's latest checkpoint on (the first batches of) a split, and seconds per image."""
+  from scaleattn import checkpointing  # noqa: PLC0415 - JAX starts in the workers
   from scaleattn.data import input_pipeline
   from scaleattn.evaluation import segmentation
   from scaleattn.experiment import build_experiment  # noqa: PLC0415
-  from scaleattn import checkpointing  # noqa: PLC0415 - JAX starts in the workers
 
   exp = build_experiment(config)
   data = input_pipeline.create_datasets(config, data_devices=exp.mesh.size)

@@ -21,9 +21,8 @@ from typing import Any
 from absl import logging
 
 from scaleattn import weights
-from scaleattn.weights import inputs, tree
-
-CAFFE_MEAN_RGB = inputs.CAFFE_MEAN_BGR[::-1]
+from scaleattn.config import defaults
+from scaleattn.weights import tree
 
 
 def save_pretrained(path: str, backbone: Mapping[str, Any]) -> None:
@@ -33,8 +32,9 @@ def save_pretrained(path: str, backbone: Mapping[str, Any]) -> None:
 
 def load_pretrained(path: str) -> dict[str, Any]:
   """A converted file or any recognised source as a parameter tree ({'backbone': ...}), for input minus Caffe's
-  mean (the configs' default). Callers that know config.input.mean_rgb use `scaleattn.weights.load_init`."""
-  _, loaded = weights.convert_file(weights.resolve(path), mean_rgb=CAFFE_MEAN_RGB)
+  mean (the configs' default, config.input.mean_rgb in `scaleattn.config.defaults`). Callers that know their config's
+  mean use `scaleattn.weights.load_init`."""
+  _, loaded = weights.convert_file(weights.resolve(path), mean_rgb=defaults.get_config().input.mean_rgb)
   return loaded
 
 
@@ -46,14 +46,16 @@ def merge_pretrained(params: Mapping[str, Any], pretrained: Mapping[str, Any], *
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  recipe = defaults.get_config()  # the defaults below are the recipe's
   parser = argparse.ArgumentParser(prog="python -m scaleattn.convert", description=__doc__.split("\n\n")[0])
   parser.add_argument("--src", required=True, help="a weights file (.pth, .safetensors, .caffemodel, .npz; its "
                       "layout is recognised from its names) or named weights: imagenet:vgg16")
   parser.add_argument("--out", required=True, help="output .npz, for config.init_from")
-  parser.add_argument("--mean_rgb", type=float, nargs=3, default=CAFFE_MEAN_RGB, metavar=("R", "G", "B"),
+  parser.add_argument("--mean_rgb", type=float, nargs=3, default=tuple(recipe.input.mean_rgb), metavar=("R", "G", "B"),
                       help="the mean the pipeline subtracts (config.input.mean_rgb), 0..255; default %(default)s")
-  parser.add_argument("--fc_width", type=int, default=1024,
-                      help="the model's fc6/fc7 width (config.model.backbone.fc_width), for ImageNet VGG-16 sources")
+  parser.add_argument("--fc_width", type=int, default=recipe.model.backbone.fc_width,
+                      help="the model's fc6/fc7 width (config.model.backbone.fc_width), for ImageNet VGG-16 sources; "
+                      "default %(default)s")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   start = time.perf_counter()

@@ -46,7 +46,7 @@ def bilinear(x, size):
   return out
 
 
-def largefov(params, x, depths, fc6_dilation, conv5_dilation=2, stride1_pools=True):
+def largefov(params, x, depths, fc6_dilation, *, conv5_dilation, stride1_pools):
   """DeepLab-LargeFOV in eval mode: conv blocks (conv5 dilated) each followed by a 3x3 pad-1 max-pool
   (stride 2, 2, 2, 1, 1; without the stride-1 ones if not stride1_pools), fc6 dilated (its kernel's size from
   its parameters), fc7 and fc8 1x1, ReLU after every layer but fc8. Returns (scores, fc7)."""

@@ -6,12 +6,24 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 
-from scaleattn.models import DeepLabLargeFOV, output_size, scaled_size
+from configs import voc
+from scaleattn.models import DeepLabLargeFOV, output_size, registry, scaled_size
 from scaleattn.models.layers import max_pool_3x3
 
+RECIPE = {k: v for k, v in voc.get_config().model.backbone.items() if k != "name"}  # the VOC recipe's backbone
 TINY = dict(block_widths=(3, 4, 4, 5, 5), block_depths=(1, 2, 1, 2, 1), fc_width=6, fc6_dilation=2)
 VGG_LAYERS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
               "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7", "fc8"]
+
+
+def largefov(num_classes, **changes) -> DeepLabLargeFOV:
+  """The recipe's LargeFOV with `changes` (narrower, shallower)."""
+  return DeepLabLargeFOV(num_classes, **{**RECIPE, **changes})
+
+
+def vgg16_largefov() -> DeepLabLargeFOV:
+  """The VGG-16 LargeFOV the VOC recipe trains, built as training builds it."""
+  return registry.build_backbone(voc.get_config().model)
 
 
 def _apply(model):
@@ -20,8 +32,8 @@ def _apply(model):
 
 
 def test_vgg16_largefov_has_20505429_parameters():
-  abstract = jax.eval_shape(lambda: DeepLabLargeFOV(21).init(jax.random.key(0), jnp.zeros((1, 321, 321, 3)),
-                                                             train=False))
+  abstract = jax.eval_shape(lambda: vgg16_largefov().init(jax.random.key(0), jnp.zeros((1, 321, 321, 3)),
+                                                           train=False))
   params = abstract["params"]
   assert list(params) == VGG_LAYERS
   assert sum(x.size for x in jax.tree.leaves(abstract)) == 20_505_429
@@ -34,7 +46,7 @@ def test_vgg16_largefov_has_20505429_parameters():
 
 def test_fc8_starts_from_deeplabs_gaussian():
   """DeepLab's prototxt: fc8 weights N(0, 0.01), bias 0."""
-  model = DeepLabLargeFOV(21, block_widths=(4, 4, 4, 4, 4), fc_width=1024)
+  model = largefov(21, block_widths=(4, 4, 4, 4, 4), fc_width=1024)
   params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 9, 9, 3)), train=False)["params"])()
   kernel = np.asarray(params["fc8"]["kernel"])
   assert abs(kernel.std() - 0.01) < 0.0005 and abs(kernel.mean()) < 0.0005
@@ -44,7 +56,7 @@ def test_fc8_starts_from_deeplabs_gaussian():
 @pytest.mark.parametrize("size, expected", [((321, 321), (41, 41)), ((513, 513), (65, 65)),
                                             ((353, 497), (45, 63))])
 def test_output_size_of_the_full_network(size, expected):
-  model = DeepLabLargeFOV(21)
+  model = vgg16_largefov()
   images = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   scores, fc7 = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
@@ -70,14 +82,14 @@ def test_max_pool_is_caffe_ceil_mode(stride, size, impl):
 @pytest.mark.parametrize("conv5_dilation, fc6_kernel, stride1_pools", [(2, 3, True), (1, 3, True), (2, 1, False),
                                                                        (1, 5, True)])
 def test_forward_matches_numpy(conv5_dilation, fc6_kernel, stride1_pools, conv_impl):
-  model = DeepLabLargeFOV(4, **TINY, conv5_dilation=conv5_dilation, fc6_kernel=fc6_kernel,
-                          stride1_pools=stride1_pools, conv_impl=conv_impl)
+  model = largefov(4, **TINY, conv5_dilation=conv5_dilation, fc6_kernel=fc6_kernel, stride1_pools=stride1_pools,
+                   conv_impl=conv_impl)
   x = np.random.default_rng(1).normal(size=(2, 35, 27, 3)).astype(np.float32)
   variables = ref.random_variables(model, x, train=False)
   scores, fc7 = _apply(model)(variables, x, train=False)
   params = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
   ref_scores, ref_fc7 = ref.largefov(params, x.astype(np.float64), TINY["block_depths"], TINY["fc6_dilation"],
-                                     conv5_dilation, stride1_pools)
+                                     conv5_dilation=conv5_dilation, stride1_pools=stride1_pools)
   assert params["fc6"]["kernel"].shape[:2] == (fc6_kernel, fc6_kernel)
   assert scores.shape == (2, 6, 5, 4) == ref_scores.shape  # 35 -> 18 -> 10 -> 6, 27 -> 14 -> 8 -> 5
   np.testing.assert_allclose(fc7, ref_fc7, rtol=1e-4, atol=1e-4)
@@ -86,7 +98,7 @@ def test_forward_matches_numpy(conv5_dilation, fc6_kernel, stride1_pools, conv_i
 
 @pytest.mark.parametrize("conv_impl", ["xla", "cpu"])
 def test_valid_size_makes_a_padded_image_compute_what_it_computes_alone(conv_impl):
-  model = DeepLabLargeFOV(4, **TINY, conv_impl=conv_impl)
+  model = largefov(4, **TINY, conv_impl=conv_impl)
   x = np.random.default_rng(2).normal(size=(1, 21, 18, 3)).astype(np.float32)
   canvas = np.pad(x, ((0, 0), (0, 12), (0, 15), (0, 0)))
   variables = ref.random_variables(model, x, train=False)
@@ -101,7 +113,7 @@ def test_valid_size_makes_a_padded_image_compute_what_it_computes_alone(conv_imp
 
 
 def test_dropout_half_of_fc7_in_training_only():
-  model = DeepLabLargeFOV(4, **dict(TINY, fc_width=64))
+  model = largefov(4, **dict(TINY, fc_width=64, dropout_rate=0.5))
   x = np.random.default_rng(3).normal(size=(2, 35, 27, 3)).astype(np.float32)
   variables = ref.random_variables(model, x, train=False)
   apply = _apply(model)
@@ -114,7 +126,7 @@ def test_dropout_half_of_fc7_in_training_only():
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-  model = DeepLabLargeFOV(4, dtype=jnp.bfloat16, **TINY)
+  model = largefov(4, dtype=jnp.bfloat16, **TINY)
   x = jnp.ones((1, 17, 17, 3))
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(abstract))
@@ -124,5 +136,5 @@ def test_bfloat16_compute_keeps_float32_parameters():
 
 def test_wrong_block_structure_is_reported():
   with pytest.raises(ValueError, match="expected 5 entries"):
-    jax.eval_shape(lambda: DeepLabLargeFOV(4, block_widths=(3, 4), block_depths=(1, 1)).init(
+    jax.eval_shape(lambda: largefov(4, block_widths=(3, 4), block_depths=(1, 1)).init(
         jax.random.key(0), jnp.zeros((1, 9, 9, 3)), train=False))

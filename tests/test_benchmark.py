@@ -126,13 +126,14 @@ def test_time_by_op_kind_sums_complete_events_of_the_programs_instructions(tmp_p
 
 
 def test_inference_runner_records_each_program_of_whole_and_tiled_prediction():
-  """The benchmark's two prediction paths run; the tiled path's tile step is the same program for two image sizes larger than a tile,
-  and what grows with the image (about 4x for 4x the pixels) is the host memory it holds between its steps."""
+  """The benchmark's two prediction paths run; the tiled path's tile step is the same program for two image sizes
+  larger than a tile, and what grows with the image (about 4x for 4x the pixels) is the host memory it holds between
+  its steps."""
   config = shapes.get_config("smoke")
   config.eval.tile_overlap = 32
-  whole, whole_bytes, whole_host = measure.inference_runner(config, 90, 150, 0)
-  tiled, tiled_bytes, tiled_host = measure.inference_runner(config, 360, 600, 129)  # scale 0.5 too is larger
-  _, larger_bytes, larger_host = measure.inference_runner(config, 720, 1200, 129)
+  whole, whole_bytes, whole_host, _ = measure.inference_runner(config, 90, 150, 0)
+  tiled, tiled_bytes, tiled_host, _ = measure.inference_runner(config, 360, 600, 129)  # scale 0.5 too is larger
+  _, larger_bytes, larger_host, _ = measure.inference_runner(config, 720, 1200, 129)
   assert set(whole_bytes) == {"whole"} and whole_host == 0
   assert set(tiled_bytes) == {"tile_step", "fuse_window", "upsample_window"}
   assert tiled_bytes["tile_step"] == larger_bytes["tile_step"] > 0

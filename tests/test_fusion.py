@@ -13,6 +13,8 @@ import pytest
 from scaleattn import ScaleFusion
 from scaleattn.models import fusion
 
+PAPER = dict(hidden=512, dropout_rate=0.5)  # the paper's head: 512 hidden channels, dropout 0.5
+
 
 def _np_fusion(method, params, scores, feats):
   """The paper's fusion per pixel i and class c: g_ic = sum_s w_i^s f_ic^s, or max_s f_ic^s."""
@@ -70,7 +72,7 @@ def _np_hierarchical(params, scores, native, scales):
 
 def _fusion(method, num_scales, scores, feats, hidden=7, seed=0, **kwargs):
   """The module, variables with unit-scale attention weights (far from uniform softmax), and its jitted apply."""
-  module = ScaleFusion(method, num_scales, hidden=hidden)
+  module = ScaleFusion(method, num_scales, hidden=hidden, dropout_rate=0.5)
   variables = ref.random_variables(module, scores, feats, train=False, seed=seed, **kwargs)
   return module, variables, jax.jit(module.apply, static_argnames=("train", "scales"))
 
@@ -180,8 +182,9 @@ def test_permuting_scales_permutes_weights_and_keeps_fused(method):
 def test_head_parameters_and_init():
   scores, feats = jnp.zeros((1, 4, 4, 2, 3)), jnp.zeros((1, 4, 4, 2, 8))
   for method in ("average", "max"):
-    assert ScaleFusion(method, 2).init(jax.random.key(0), scores, feats, train=False) == {}
-  p = jax.jit(lambda: ScaleFusion("attention", 2).init(jax.random.key(0), scores, feats, train=False))()["params"]
+    assert ScaleFusion(method, 2, **PAPER).init(jax.random.key(0), scores, feats, train=False) == {}
+  p = jax.jit(lambda: ScaleFusion("attention", 2, **PAPER).init(jax.random.key(0), scores, feats,
+                                                                 train=False))()["params"]
   assert set(p) == {"hidden", "logits"}
   assert p["hidden"]["kernel"].shape == (3, 3, 16, 512) and p["logits"]["kernel"].shape == (1, 1, 512, 2)
   np.testing.assert_allclose(np.std(p["hidden"]["kernel"]), 0.005, rtol=0.05)
@@ -221,19 +224,19 @@ def test_attention_dropout_only_in_training():
 def test_bad_inputs_are_reported():
   scores, feats = jnp.zeros((1, 4, 4, 2, 3)), jnp.zeros((1, 4, 4, 2, 8))
   with pytest.raises(ValueError, match="method='mean'"):
-    ScaleFusion("mean", 2).init(jax.random.key(0), scores, feats, train=False)
+    ScaleFusion("mean", 2, **PAPER).init(jax.random.key(0), scores, feats, train=False)
   with pytest.raises(ValueError, match="num_scales = 3"):
-    ScaleFusion("average", 3).init(jax.random.key(0), scores, feats, train=False)
+    ScaleFusion("average", 3, **PAPER).init(jax.random.key(0), scores, feats, train=False)
   with pytest.raises(ValueError, match="num_scales is required"):
-    ScaleFusion("attention").init(jax.random.key(0), scores, feats, train=False)
+    ScaleFusion("attention", **PAPER).init(jax.random.key(0), scores, feats, train=False)
   with pytest.raises(ValueError, match="one scale per map"):
-    ScaleFusion("hierarchical").init(jax.random.key(0), scores, feats, train=False, scales=(1.0,))
+    ScaleFusion("hierarchical", **PAPER).init(jax.random.key(0), scores, feats, train=False, scales=(1.0,))
 
 
 def test_unknown_method_fails_listing_the_registered_ones():
   assert tuple(fusion.FUSIONS) == ("attention", "shared_attention", "hierarchical", "average", "max")
   with pytest.raises(ValueError, match="method='mean'") as err:
-    ScaleFusion("mean", 2)
+    ScaleFusion("mean", 2, **PAPER)
   assert all(repr(name) in str(err.value) for name in fusion.FUSIONS)
 
 
@@ -241,7 +244,7 @@ def test_unknown_method_fails_listing_the_registered_ones():
 def test_declared_properties_match_the_parameters(method):
   """`parameter_free`: init makes no parameters; `scale_agnostic`: the same parameter shapes for 2 and 3 scales."""
   def shapes(s):
-    module = ScaleFusion(method, s, hidden=6)
+    module = ScaleFusion(method, s, hidden=6, dropout_rate=0.5)
     return jax.tree.map(jnp.shape, jax.eval_shape(lambda: module.init(
         jax.random.key(0), jnp.zeros((1, 4, 4, s, 3)), jnp.zeros((1, 4, 4, s, 2)), train=False)))
   cls = fusion.FUSIONS[method]
@@ -261,7 +264,7 @@ def test_declared_head_layers_are_the_convolutions_run(method, own_resolution):
   map_shapes = [(2, n, n, 4) if own_resolution else (2, 9, 9, 4) for n in sizes]
   feats = ([jax.ShapeDtypeStruct(shape, jnp.float32) for shape in map_shapes] if own_resolution
            else jax.ShapeDtypeStruct((2, 9, 9, 3, 4), jnp.float32))
-  module = ScaleFusion(method, 3, hidden=6)
+  module = ScaleFusion(method, 3, hidden=6, dropout_rate=0.5)
   run = Counter()
 
   def count(next_fun, args, kwargs, context):

@@ -181,7 +181,7 @@ def test_killed_process_stops_the_other_and_both_resume_exactly(data_dir, two_pr
   the last complete checkpoint and end with the uninterrupted 2-process run's parameters, bit for bit."""
   workdir = str(tmp_path / "run")
   procs = _start(data_dir, workdir)
-  deadline = time.time() + 300
+  deadline = time.time() + RUN_LIMIT_S
   while CHECKPOINT_EVERY not in _saved_steps(workdir) and time.time() < deadline:
     time.sleep(0.02)
   if not all(p.poll() is None for p in procs):

@@ -8,7 +8,7 @@ import numpy_reference as ref
 import pytest
 
 from scaleattn.config import defaults as base
-from scaleattn.models import DeepLabLargeFOV, MultiScaleNet, ScaleFusion, build_model, registry
+from scaleattn.models import MultiScaleNet, build_model, registry
 from scaleattn.models.resize import resize_bilinear
 
 BACKBONE = dict(block_widths=(4, 8, 8, 8, 8), block_depths=(1, 1, 2, 1, 1), fc_width=16, fc6_dilation=2)
@@ -43,7 +43,7 @@ def test_share_net_runs_one_backbone_on_every_resized_image():
   variables = ref.random_variables(model, x, train=False)
   out = _apply(model)(variables, x, train=False)
   assert set(variables["params"]) == {"backbone"}
-  backbone = _apply(DeepLabLargeFOV(5, **BACKBONE))
+  backbone = _apply(registry.build_backbone(tiny_config()))  # the model's own backbone, alone
   bb_vars = {"params": variables["params"]["backbone"]}
   grid = (6, 5)  # 41 -> 21 -> 11 -> 6, 33 -> 17 -> 9 -> 5
   for i, size in enumerate([(41, 33), (31, 25), (21, 17)]):  # floor(40 s) + 1, floor(32 s) + 1
@@ -187,9 +187,8 @@ def test_a_backbone_plugs_in_through_the_registry(monkeypatch):
 
 def test_bad_settings_are_reported():
   x = jnp.zeros((1, 17, 17, 3))
-  backbone, fusion = DeepLabLargeFOV(5, **BACKBONE), ScaleFusion("average", 2)
-  init = lambda **kw: jax.eval_shape(lambda: MultiScaleNet(backbone, fusion, **kw).init(jax.random.key(0), x,
-                                                                                         train=False))
+  model = net(scales=(1.0, 0.5), fusion="average")
+  init = lambda **kw: jax.eval_shape(lambda: model.clone(**kw).init(jax.random.key(0), x, train=False))
   with pytest.raises(ValueError, match="1.0 among them"):
     init(scales=(0.5, 0.75))
   with pytest.raises(ValueError, match="scale_execution='pmap'"):

@@ -14,6 +14,8 @@ from scaleattn import ScaleFusion as LinenScaleFusion
 from scaleattn.models.fusion import FUSIONS
 from scaleattn.nnx import ScaleFusion
 
+PAPER = dict(hidden=512, dropout_rate=0.5)  # the paper's head: 512 hidden channels, dropout 0.5
+
 _GRID, _SIZES = 9, (9, 7, 5)  # feature sizes at their own resolutions: one on the grid, two below it
 
 
@@ -29,7 +31,7 @@ def _inputs(seed, own_resolution, depth=4):
 def _pair(method, scores, feats, scales=None, hidden=6, seed=0):
   """The linen module, its variables drawn with NumPy (unit-scale weights: far from a uniform softmax), and the NNX
   module loaded from them."""
-  linen = LinenScaleFusion(method, 3 if method == "attention" else None, hidden=hidden)
+  linen = LinenScaleFusion(method, 3 if method == "attention" else None, hidden=hidden, dropout_rate=0.5)
   variables = ref.random_variables(linen, scores, feats, train=False, scales=scales, seed=seed)
   return linen, variables, ScaleFusion.from_linen(linen, variables)
 
@@ -55,10 +57,10 @@ def test_eval_outputs_equal_linen_from_the_same_parameters(method, own_resolutio
 @pytest.mark.parametrize("method, outputs", [("attention", 2), ("shared_attention", 1)])
 def test_fresh_parameters_have_linen_names_shapes_and_initialisers(method, outputs):
   scores, feats = jnp.zeros((1, 4, 4, 2, 3)), jnp.zeros((1, 4, 4, 2, 8))
-  expected = jax.eval_shape(lambda: LinenScaleFusion(method, 2).init(jax.random.key(0), scores, feats,
-                                                                     train=False))["params"]
+  expected = jax.eval_shape(lambda: LinenScaleFusion(method, 2, **PAPER).init(jax.random.key(0), scores, feats,
+                                                                               train=False))["params"]
   rngs = nnx.Rngs(ref.dropout_key(0))  # an rbg key: its initialisers compile faster
-  p = nnx.state(ScaleFusion(method, 2, in_features=8, rngs=rngs), nnx.Param).to_pure_dict()
+  p = nnx.state(ScaleFusion(method, 2, in_features=8, **PAPER, rngs=rngs), nnx.Param).to_pure_dict()
   assert jax.tree.map(lambda v: (v.shape, v.dtype), p) == jax.tree.map(lambda v: (v.shape, v.dtype), expected)
   assert p["hidden"]["kernel"].shape == (3, 3, 8 * (2 if method == "attention" else 1), 512)
   assert p["logits"]["kernel"].shape == (1, 1, 512, outputs)
@@ -69,7 +71,7 @@ def test_fresh_parameters_have_linen_names_shapes_and_initialisers(method, outpu
 
 def test_parameter_free_methods_have_no_state():
   for method in ("average", "max"):
-    assert nnx.state(ScaleFusion(method, 2)).to_pure_dict() == {}
+    assert nnx.state(ScaleFusion(method, 2, **PAPER)).to_pure_dict() == {}
 
 
 def test_dropout_only_in_training():
@@ -93,11 +95,12 @@ def test_dropout_only_in_training():
 
 def test_bad_arguments_are_reported():
   with pytest.raises(ValueError, match="method='mean'") as err:
-    ScaleFusion("mean", 2)
+    ScaleFusion("mean", 2, **PAPER)
   assert all(repr(name) in str(err.value) for name in FUSIONS)  # the registered ones
   with pytest.raises(ValueError, match="num_scales=None.*in_features=None.*rngs=None"):  # every problem at once
-    ScaleFusion("attention")
-  abstract = lambda method, d: nnx.eval_shape(lambda: ScaleFusion(method, in_features=d, hidden=4, rngs=nnx.Rngs(0)))
+    ScaleFusion("attention", **PAPER)
+  abstract = lambda method, d: nnx.eval_shape(lambda: ScaleFusion(method, in_features=d, hidden=4, dropout_rate=0.5,
+                                                                  rngs=nnx.Rngs(0)))
   scores, feats = np.zeros((1, 4, 4, 2, 3), np.float32), np.zeros((1, 4, 4, 2, 5), np.float32)
   with pytest.raises(ValueError, match=r"D = in_features = 8"):  # checked before any computation
     abstract("shared_attention", 8)(scores, feats, train=False)
@@ -106,7 +109,7 @@ def test_bad_arguments_are_reported():
   params = {"hidden": {"kernel": np.zeros((3, 3, 10, 4)), "bias": np.zeros(4)},  # linen's for 2 scales, D = 5
             "logits": {"kernel": np.zeros((1, 1, 4, 2)), "bias": np.zeros(2)}}
   with pytest.raises(ValueError, match=r"(?s)from_linen: parameters .*'logits/kernel': \(1, 1, 4, 2\).*expected"):
-    ScaleFusion.from_linen(LinenScaleFusion("attention", 3, hidden=4), {"params": params})
+    ScaleFusion.from_linen(LinenScaleFusion("attention", 3, hidden=4, dropout_rate=0.5), {"params": params})
 
 
 def test_nnx_module_needs_only_its_siblings():

@@ -43,7 +43,8 @@ def test_receptive_radius_of_vgg16_largefov():
   (3 x 8) + pool 8; conv5 (3 x 2 x 8, dilated) + pool 8; fc6 (12 x 8)."""
   cfg = voc.get_config().model
   radius = 2 + 1 + 4 + 2 + 12 + 4 + 24 + 8 + 48 + 8 + 96
-  assert receptive_radius(cfg.backbone.block_depths, cfg.backbone.conv5_dilation, cfg.backbone.fc6_dilation) == radius
+  bb = cfg.backbone
+  assert receptive_radius(bb.block_depths, bb.conv5_dilation, bb.fc6_dilation, bb.fc6_kernel, bb.stride1_pools) == radius
   model = build_model(cfg)
   assert model.backbone.receptive_radius() == radius and model.backbone.output_stride == 8
   assert tiling.exact_overlap(model) == 424

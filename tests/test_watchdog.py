@@ -70,10 +70,11 @@ def test_fires_on_a_stall_with_phase_step_and_stacks(tmp_path):
 
 
 def test_quiet_while_beats_come_in_time_and_outside_phases(tmp_path):
-  ops = [op for s in range(8) for op in (["beat", "train_step", s], ["sleep", 0.2])]  # 1.6 s under a 0.5 s timeout
-  ops += [["batches", "evaluation", 8, 0.2, 6], ["phase", "checkpoint_save", 8, 0.2]]
-  ops += [["sleep", 1.0]]  # after a phase nothing is timed
-  proc, _ = _run(tmp_path, {"timeout_s": 0.5, "first_beats": 0}, ops)
+  # 3.2 s of steps under a 1.5 s timeout (a beat every 0.2 s leaves a loaded machine 1.3 s of slack per beat)
+  ops = [op for s in range(16) for op in (["beat", "train_step", s], ["sleep", 0.2])]
+  ops += [["batches", "evaluation", 16, 0.2, 10], ["phase", "checkpoint_save", 16, 0.2]]
+  ops += [["sleep", 2.0]]  # after a phase nothing is timed
+  proc, _ = _run(tmp_path, {"timeout_s": 1.5, "first_beats": 0}, ops)
   assert proc.returncode == 0, proc.stderr
   assert "finished" in proc.stdout and "Watchdog" not in proc.stderr
 

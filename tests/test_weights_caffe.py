@@ -18,6 +18,9 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "weights"
 V1, V2 = FIXTURES / "largefov_v1_float.caffemodel", FIXTURES / "largefov_v2_double.caffemodel"
 CAFFE_MEAN_BGR = np.array([104.008, 116.669, 122.675])
 DEPTHS, WIDTHS, FC_WIDTH = (2, 2, 3, 3, 3), (4, 6, 8, 8, 8), 16
+# The fixtures' network: DeepLab-LargeFOV's prototxt (conv5 dilated 2, fc6 3x3 dilated 12, 3x3 pools after
+# conv4 and conv5), narrowed.
+GEOMETRY = dict(conv5_dilation=2, fc6_dilation=12, fc6_kernel=3, stride1_pools=True)
 
 
 def reference(path):
@@ -51,8 +54,8 @@ def test_batchnorm_divides_by_the_scale_factor_and_scale_gives_gamma_beta():
 
 
 def run_model(backbone, image_rgb, mean_rgb, num_classes):
-  model = DeepLabLargeFOV(num_classes, block_widths=WIDTHS, block_depths=DEPTHS, fc_width=FC_WIDTH,
-                          dropout_rate=0.0)
+  model = DeepLabLargeFOV(num_classes, block_widths=WIDTHS, block_depths=DEPTHS, fc_width=FC_WIDTH, **GEOMETRY,
+                          dropout_rate=0.0, fc8_init_std=0.01)
   x = jnp.asarray((image_rgb - np.asarray(mean_rgb))[None], jnp.float32)
   scores, _ = model.apply({"params": jax.tree.map(jnp.asarray, backbone)}, x, train=False)
   return np.asarray(scores[0], np.float64)
@@ -68,7 +71,9 @@ def caffe_forward(ref, image_rgb):
     params[layer]["kernel" if leaf == "weight" else "bias"] = (
         np.einsum("oihw->hwio", value) if leaf == "weight" else value).astype(np.float64)
   bgr = image_rgb[..., ::-1] - CAFFE_MEAN_BGR
-  return numpy_reference.largefov(params, bgr[None], DEPTHS, fc6_dilation=12)[0][0]
+  return numpy_reference.largefov(params, bgr[None], DEPTHS, fc6_dilation=GEOMETRY["fc6_dilation"],
+                                  conv5_dilation=GEOMETRY["conv5_dilation"],
+                                  stride1_pools=GEOMETRY["stride1_pools"])[0][0]
 
 
 @pytest.mark.parametrize("path, classes", [(V1, 5), (V2, 7)])

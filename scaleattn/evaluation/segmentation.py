@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import AbstractMesh
 from tqdm import tqdm
 
 from scaleattn import checkpointing, sharding
@@ -57,8 +58,10 @@ def jit_eval_step(exp: Experiment) -> Callable:
   repl, data = sharding.replicated(exp.mesh), sharding.data_sharding(exp.mesh)
   cfg = exp.config
   rows = input_pipeline.batch_layout(cfg.eval.batch_size, 1, exp.mesh.size, jax.process_count()).rows
-  local = [d for d in exp.mesh.devices.flat if d.process_index == jax.process_index()]
-  plan = forward.plan(exp, exp.abstract_state.params, rows=rows // exp.mesh.size, size=cfg.input.eval_size,
+  # An abstract mesh (a program lowered for devices this host lacks) has no devices of its own to tile on.
+  local = None if isinstance(exp.mesh, AbstractMesh) else [
+      d for d in exp.mesh.devices.flat if d.process_index == jax.process_index()]
+  plan = forward.plan(exp, exp.abstract_state.weights, rows=rows // exp.mesh.size, size=cfg.input.eval_size,
                       devices=local)
   if not plan.tile_all:
     return jax.jit(functools.partial(eval_step, exp=exp), in_shardings=(repl, data), out_shardings=repl)

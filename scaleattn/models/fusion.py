@@ -6,13 +6,16 @@ Depends on jax, flax and its sibling `resize.py` only, so the two files can be c
 of every scale must already be on one grid; features may be too, or may stay at each scale's own resolution::
 
     import jax, jax.numpy as jnp
-    fusion = ScaleFusion("attention", num_scales=2, hidden=64)
+    fusion = ScaleFusion("attention", num_scales=2, hidden=64, dropout_rate=0.5)
     scores, feats = jnp.zeros((1, 41, 41, 2, 21)), jnp.zeros((1, 41, 41, 2, 128))  # [B, H, W, S, C|D]
     variables = fusion.init(jax.random.key(0), scores, feats, train=False)
     fused, weights = fusion.apply(variables, scores, feats, train=True, rngs={"dropout": jax.random.key(1)})
     # fused [1, 41, 41, 21], weights [1, 41, 41, 2]: one weight per pixel and scale, summing to 1
     native = [jnp.zeros((1, 41, 41, 128)), jnp.zeros((1, 21, 21, 128))]  # the same features before resizing
     fused, weights = fusion.apply(variables, scores, native, train=False)
+
+`hidden` and `dropout_rate` have no defaults: the paper uses hidden=512 and dropout_rate=0.5 (config.model.fusion in
+`scaleattn.config.defaults`, which this project's models are built from); smaller models may want a smaller head.
 
 Methods, per pixel i and class c, with head(x) = a 3x3 conv (`hidden` channels) + ReLU + dropout + a 1x1 conv:
   'attention':        the paper's. h = head(concat_s features_s) with S output channels; w_i^s = softmax_s(h_i^s);
@@ -77,6 +80,7 @@ class Layer(NamedTuple):
 
 
 FUSIONS: dict[str, type[Fusion]] = {}  # method name -> class, filled by `register`
+REQUIRED = ("hidden", "dropout_rate")  # the fields every method takes without a default
 _F = TypeVar("_F", bound="Fusion")
 
 
@@ -93,11 +97,16 @@ def register(method: str) -> Callable[[type[_F]], type[_F]]:
 
 
 def ScaleFusion(method: str, num_scales: int | None = None, **settings: Any) -> Fusion:
-  """The fusion registered as `method`, e.g. ScaleFusion("attention", num_scales=2, hidden=64); `settings` are the
-  class's other fields (hidden, dropout_rate, dtype) and linen's `name`."""
+  """The fusion registered as `method`, e.g. ScaleFusion("attention", num_scales=2, hidden=512, dropout_rate=0.5)
+  (the paper's head); `settings` are the class's other fields (hidden and dropout_rate, required; dtype) and
+  linen's `name`."""
   if method not in FUSIONS:
     raise ValueError(f"ScaleFusion: method={method!r}: expected one of {tuple(FUSIONS)}")
-  return FUSIONS[method](num_scales, **settings)
+  missing = [f for f in REQUIRED if f not in settings]
+  if missing:
+    raise TypeError(f"ScaleFusion({method!r}): {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                    "required (no defaults; the paper uses hidden=512, dropout_rate=0.5)")
+  return FUSIONS[method](num_scales=num_scales, **settings)
 
 
 def per_scale(features: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
@@ -153,13 +162,14 @@ class _ConcatConv3x3(nn.Module):
 class Fusion(nn.Module):
   """Fuses scores [B, H, W, S, C] over S scales; returns (fused [B, H, W, C], weights [B, H, W, S]).
 
-  Every method takes the same fields, so one config serves any: `num_scales` is required where the parameters
-  depend on S (not `scale_agnostic`) and checked against the input when given; `hidden` and `dropout_rate` shape
-  the methods' heads; `dtype` is the compute dtype (softmax and sigmoid are always float32).
+  Every method takes the same fields, so one config serves any: `hidden` and `dropout_rate` shape the methods'
+  heads (the methods without a head ignore them) and have no defaults (the paper: 512 and 0.5); `num_scales` is
+  required where the parameters depend on S (not `scale_agnostic`) and checked against the input when given;
+  `dtype` is the compute dtype (softmax and sigmoid are always float32). Give the fields by keyword.
   """
+  hidden: int
+  dropout_rate: float
   num_scales: int | None = None
-  hidden: int = 512
-  dropout_rate: float = 0.5
   dtype: Any = jnp.float32
 
   method: ClassVar[str]  # its name in FUSIONS, set by `register`

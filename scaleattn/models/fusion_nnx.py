@@ -5,7 +5,7 @@ NNX creates parameters at construction, so the feature depth D is given up front
 explicit, as flax advises for NNX: `rngs` at construction draws the parameters, dropout keys go into the call::
 
     from flax import nnx
-    fusion = ScaleFusion("attention", num_scales=2, in_features=128, hidden=64, rngs=nnx.Rngs(0))
+    fusion = ScaleFusion("attention", num_scales=2, in_features=128, hidden=64, dropout_rate=0.5, rngs=nnx.Rngs(0))
     fused, weights = fusion(scores, feats, train=True, rngs=nnx.Rngs(dropout=1))  # or rngs=jax.random.key(1)
     fused, weights = fusion(scores, feats, train=False)  # no keys needed
 
@@ -39,13 +39,13 @@ def _as_nnx(tree: Mapping[str, Any]) -> nnx.Dict:
 class ScaleFusion(nnx.Module):
   """Fuses scores [B, H, W, S, C] over S scales; returns (fused [B, H, W, C], weights [B, H, W, S]).
 
-  Arguments as the linen `fusion.ScaleFusion`'s, plus `in_features` (D) and `rngs`, both needed by the methods with
-  parameters. The parameters are attributes named as linen's ('hidden', 'logits').
+  Arguments as the linen `fusion.ScaleFusion`'s (`hidden` and `dropout_rate` required: the paper uses 512 and
+  0.5), plus `in_features` (D) and `rngs`, both needed by the methods with parameters. The parameters are attributes
+  named as linen's ('hidden', 'logits').
   """
 
   def __init__(self, method: str, num_scales: int | None = None, *, in_features: int | None = None,
-               hidden: int = 512, dropout_rate: float = 0.5, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               hidden: int, dropout_rate: float, dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None):
     problems = []
     cls = FUSIONS.get(method)
     if cls is None:

@@ -20,8 +20,8 @@ from scaleattn.models.resize import output_size, pool_size
 BLOCK_OUTPUT = "block_output"  # the name `per_block` rematerialisation saves (checkpoint_name)
 
 
-def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilation: int, fc6_kernel: int = 3,
-                     stride1_pools: bool = True) -> int:
+def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilation: int, fc6_kernel: int,
+                     stride1_pools: bool) -> int:
   """Input pixels, each side of an output cell's centre, that its value depends on: every 3x3 layer (convolution or
   pool) adds its dilation times the stride accumulated before it, fc6 (fc6_kernel // 2) times that (209 for
   VGG-16 LargeFOV)."""
@@ -36,20 +36,22 @@ def receptive_radius(block_depths: Sequence[int], conv5_dilation: int, fc6_dilat
 class DeepLabLargeFOV(nn.Module):
   """VGG-16 DeepLab-LargeFOV; widths and depths configurable for small models. Parameters are float32;
   `dtype` is the compute dtype, `conv_impl` the kernels ('xla' or 'cpu', see `layers`). fc8 starts from
-  N(0, fc8_init_std) (0.01 in DeepLab's prototxt; None: LeCun normal like the other layers).
+  N(0, fc8_init_std) (0.01 in DeepLab's prototxt; None: LeCun normal like the other layers). The architecture's
+  fields have no defaults: the recipe's values are config.model.backbone's (`scaleattn.config.defaults`), and
+  `registry.build_backbone` passes them.
 
   The field of view is set, as in DeepLab's own variants (its Table 2), by fc6's kernel (odd) and dilation;
   `stride1_pools=False` also drops pool4 and pool5 (3x3, stride 1), which widen it without downsampling."""
   num_classes: int
-  block_widths: Sequence[int] = (64, 128, 256, 512, 512)
-  block_depths: Sequence[int] = (2, 2, 3, 3, 3)
-  fc_width: int = 1024
-  conv5_dilation: int = 2
-  fc6_dilation: int = 12
-  fc6_kernel: int = 3
-  stride1_pools: bool = True
-  dropout_rate: float = 0.5
-  fc8_init_std: float | None = 0.01
+  block_widths: Sequence[int]
+  block_depths: Sequence[int]
+  fc_width: int
+  conv5_dilation: int
+  fc6_dilation: int
+  fc6_kernel: int
+  stride1_pools: bool
+  dropout_rate: float
+  fc8_init_std: float | None
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
 

@@ -48,14 +48,15 @@ class MultiScaleNet(nn.Module):
   """`backbone` shared by all `scales` (1.0 must be among them: it sets the output grid), then `fusion`.
 
   Parameters: {'backbone': ..., 'fusion': ...} (a fusion without parameters adds none). With one scale there is
-  nothing to fuse and `fusion` may be None: fused = that scale's scores, weights = 1.
+  nothing to fuse and `fusion` may be None: fused = that scale's scores, weights = 1. The fields have no defaults:
+  the recipe's values are config.model's (`scaleattn.config.defaults`), and `registry.build_model` passes them.
   """
   backbone: nn.Module
   fusion: nn.Module | None
-  scales: Sequence[float] = (1.0, 0.75, 0.5)
-  scale_execution: str = "loop"
-  input_scale: float = 1.0
-  remat: str = "none"
+  scales: Sequence[float]
+  scale_execution: str  # one of SCALE_EXECUTIONS
+  input_scale: float
+  remat: str  # one of REMAT_POLICIES
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> MultiScaleOutput:

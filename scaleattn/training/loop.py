@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,42 +21,11 @@ from scaleattn.data import input_pipeline
 from scaleattn.evaluation import evaluators as evaluators_lib
 from scaleattn.experiment import Experiment, TrainState, build_experiment, initial_state
 from scaleattn.training import losses, train_step, watchdog
-
-
-class SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls, so the current step can be checkpointed before exiting."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread (e.g. a notebook worker): rely on Orbax's policy only.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+from scaleattn.training.preemption import Preempted, SigtermFlag
 
 
 class NonFiniteError(FloatingPointError):
   """A training step produced a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-  """SIGTERM (or the cluster's preemption notice) stopped training after checkpointing `step`; rerun to resume."""
-
-  def __init__(self, step: int):
-    super().__init__(f"preempted: checkpoint at step {step} written; run again to resume")
-    self.step = step
 
 
 def raise_nonfinite(step: int, window: Mapping[str, float]) -> None:
