@@ -8,9 +8,10 @@ the attention head) with poly decay (power 0.9) over 20,000 steps, weight decay 
   # the paper's attention model on the same backbone:
   ... --config.model.fusion.name=attention
 
-The backbone starts from torchvision's ImageNet ResNet-101 (init_from='imagenet:resnet101'), which strides in the
-3x3 convolution (stride_in_3x3=True). The authors' own caffemodels and deeplab-pytorch's checkpoints stride in the
-1x1: with them, pass --config.init_from=/path/to/file --config.model.backbone.stride_in_3x3=False.
+The backbone has DeepLab v2's (MSRA) layout, a stage's first block striding in its 1x1 reduce convolution, as the
+authors' caffemodels and deeplab-pytorch's checkpoints do, so those run as they are (--config.init_from=FILE). It
+starts from torchvision's ImageNet ResNet-101 (init_from='imagenet:resnet101'), which strides in the 3x3: those
+weights initialise this layout (logged); --config.model.backbone.stride_in_3x3=True builds torchvision's layout.
 """
 import ml_collections
 
@@ -36,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
       name="resnet101",  # 'resnet50' | 'resnet101' | 'resnet152'
       width=64,
       output_stride=8,  # 8: stages 4 and 5 dilated by 2 and 4; 16: stage 4 strided, stage 5 dilated by 2
-      stride_in_3x3=True,  # torchvision's layout (imagenet:resnet101); False: MSRA/Caffe's (the authors' files)
+      stride_in_3x3=False,  # MSRA/Caffe's layout (the authors' files, deeplab-pytorch); True: torchvision's
       aspp_dilations=(6, 12, 18, 24),
       aspp_init_std=0.01,
       bn_eps=1e-5,

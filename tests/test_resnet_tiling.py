@@ -9,8 +9,8 @@ from configs import deeplab_v2
 from scaleattn.inference import tiling
 from scaleattn.models import build_model
 
-# One bottleneck per stage, 4-channel stem, ASPP dilations 1 and 2, output stride 8, stride in the 3x3 (the config's
-# torchvision layout). Radius in input pixels, each layer's half-span times its dilation times the stride before it:
+# One bottleneck per stage, 4-channel stem, ASPP dilations 1 and 2, output stride 8, stride in the 3x3 (torchvision's
+# layout, set below). Radius in input pixels, each layer's half-span times its dilation times the stride before it:
 # conv1 7x7 (3 x 1) + pool 3x3 (1 x 2); res2's 3x3 (1 x 4); res3's strided 3x3 (1 x 4); res4's 3x3 (2 x 8); res5's
 # 3x3 (4 x 8); ASPP's widest branch (2 x 8). The 1x1 convolutions add nothing.
 RADIUS = 3 + 2 + 4 + 4 + 16 + 32 + 16
@@ -20,6 +20,7 @@ TILE = 193
 def _model(fusion: str):
   cfg = deeplab_v2.get_config().model
   cfg.backbone.block_depths, cfg.backbone.width, cfg.backbone.aspp_dilations = (1, 1, 1, 1), 4, (1, 2)
+  cfg.backbone.stride_in_3x3 = True
   cfg.num_classes, cfg.fusion.name = 5, fusion
   return build_model(cfg)
 

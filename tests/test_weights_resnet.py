@@ -137,16 +137,27 @@ def test_layouts_recognise_only_their_own_names():
     assert [layout.name for layout in sources.layouts() if layout.matches(names)] == [name]
 
 
-@pytest.mark.parametrize("convert, render, model_stride_in_3x3", [
-    (resnet.torchvision_to_deeplab, rref.torchvision_state, False),
-    (resnet.caffe_to_deeplab, rref.caffe_state, True),
+@pytest.mark.parametrize("convert, render", [
+    (resnet.caffe_to_deeplab, rref.caffe_state),
+    (resnet.deeplab_pytorch_to_deeplab, rref.deeplab_pytorch_state),
 ])
-def test_a_model_of_the_other_stride_layout_is_refused(convert, render, model_stride_in_3x3):
-  """Both layouts have the same shapes, so only the converter knows where the source strides."""
+def test_a_trained_model_of_the_other_stride_layout_is_refused(convert, render):
+  """Both layouts have the same shapes, so only the converter knows where the source strides: a trained DeepLab v2
+  (stride in the 1x1) never runs silently in a model that strides in the 3x3."""
   state = render(rref.random_units(DEPTHS, WIDTH, CLASSES))
-  with pytest.raises(ValueError, match=f"stride_in_3x3={not model_stride_in_3x3}"):
-    convert(state, source="w", stride_in_3x3=model_stride_in_3x3)
-  convert(state, source="w", stride_in_3x3=not model_stride_in_3x3)
+  with pytest.raises(ValueError, match="stride_in_3x3=False"):
+    convert(state, source="w", stride_in_3x3=True)
+  convert(state, source="w", stride_in_3x3=False)
+
+
+def test_imagenet_classifier_weights_initialise_either_layout():
+  """torchvision's ImageNet ResNet (stride in the 3x3) fills a model of the DeepLab v2 layout with the same arrays,
+  with a warning that the networks differ: an initialisation, not the source network."""
+  state = rref.torchvision_state(rref.random_units(DEPTHS, WIDTH, CLASSES))
+  same = resnet.torchvision_to_deeplab(state, source="w", stride_in_3x3=True)
+  moved = resnet.torchvision_to_deeplab(state, source="w", stride_in_3x3=False)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(moved), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_init_from_puts_a_sources_statistics_and_parameters_into_a_run(tmp_path):

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from absl import logging
 
 from scaleattn.data.preprocessing import CAFFE_MEAN_RGB
 from scaleattn.models.resnet import STAGES
@@ -97,7 +98,12 @@ def convert(naming: Naming, state: Mapping[str, Any], *, source: str = "state di
   model's stride layout, which must be the source's (shapes cannot tell them apart)."""
   if len(mean_rgb) != 3:
     raise ValueError(f"mean_rgb={tuple(mean_rgb)}: expected 3 values (R, G, B)")
-  if stride_in_3x3 is not None and stride_in_3x3 != naming.stride_in_3x3:
+  if stride_in_3x3 is not None and stride_in_3x3 != naming.stride_in_3x3 and naming is TORCHVISION:
+    # ImageNet classification weights initialise either layout: where a stage's first block strides is a choice
+    # fine-tuning absorbs (DeepLab v2's own ImageNet init strides in the 1x1), not a trained segmentation model's.
+    logging.warning("%s: torchvision's ResNet strides in the 3x3 convolution, the model in the 1x1 reduce "
+                    "convolution: its weights initialise the model, which is not the same network.", source)
+  elif stride_in_3x3 is not None and stride_in_3x3 != naming.stride_in_3x3:
     raise ValueError(f"{source}: a {naming.what} strides in its {'3x3' if naming.stride_in_3x3 else '1x1 reduce'} "
                      f"convolution; set config.model.backbone.stride_in_3x3={naming.stride_in_3x3} (the model has "
                      f"{stride_in_3x3})")
