@@ -4,7 +4,7 @@
 
 Both read the training split of config.dataset and produce the same batches' worth of work: decode the JPEG,
 subtract the mean, pad to the crop size (mean, label 255), random crop, random mirror (and random scaling when the
-config asks for it). grain reads the array_record files through `tfds.data_source` (`scaleattn.input_pipeline`);
+config asks for it). grain reads the array_record files through `tfds.data_source` (`scaleattn.data.input_pipeline`);
 tf.data reads a TFRecord copy of the same prepared dataset (TFDS cannot serve array_record to tf.data), copied
 once into `--tfrecord_dir`. Prints and writes (`--out`) images/s for each after `--warmup` batches.
 """

@@ -40,7 +40,7 @@ def main(argv):
   config = FLAGS.config
   exp = build_experiment(config)
   params = (checkpointing.restore_weights(exp, FLAGS.workdir)[0] if FLAGS.workdir
-            else exp.init_state(jax.random.key(0)).params)
+            else exp.init_state(jax.random.key(0)).weights)
   size = config.input.eval_size
   sizes = []
   rng = np.random.default_rng(0)

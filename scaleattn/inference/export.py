@@ -7,7 +7,7 @@
   python -m scaleattn.predict --exported=model.npz --inputs=img.jpg,folder/ --out_dir=D
 
 The first (msgpack) holds the parameters and the resolved config, without optimizer state: this package's code
-runs it, under any eval settings. The second (`--platforms`) is a serving artefact (`scaleattn.serving`): the whole
+runs it, under any eval settings. The second (`--platforms`) is a serving artefact (`scaleattn.inference.serving`): the whole
 inference of the evaluation path as StableHLO with the parameters, run with jax alone. Before writing it, the
 program is deserialised and run here on generated images against the evaluation path (`inference`, jitted); a
 difference in scores above --parity_tolerance stops the export with `ParityError` and nothing is written.
@@ -53,7 +53,7 @@ def check_params(params: Any, model_config: ml_collections.ConfigDict, source: s
   parameters; or all its variables, when `params` holds variables: a model with non-parameter state)."""
   model = models.build_model(model_config)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))
-  abstract = abstract if "params" in params else abstract["params"]
+  abstract = abstract if "params" in params or len(abstract) > 1 else abstract["params"]  # state needs variables
   want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
   got = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   problems = [f"{k}: missing (config expects {s})" for k, s in want.items() if k not in got]
@@ -97,7 +97,7 @@ class ParityError(ValueError):
 
 
 def serving_function(exp: Experiment) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-  """The evaluation path's whole inference as one function of (params, images, valid) (`scaleattn.serving`
+  """The evaluation path's whole inference as one function of (params, images, valid) (`scaleattn.inference.serving`
   describes the arrays): every inference scale, the fusion, the flip if config.eval.flip, the upsampling to the
   input's size, and the CRF on the labels if config.eval.crf.enabled."""
   def serve(params: Any, images: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:

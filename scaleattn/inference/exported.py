@@ -2,7 +2,7 @@
 
   python -m scaleattn.predict --exported=model.npz --inputs=img.jpg,folder/ --out_dir=D
 
-Each image goes through the artefact as `scaleattn.serving` prepares it (mean subtracted, placed top-left in the
+Each image goes through the artefact as `scaleattn.inference.serving` prepares it (mean subtracted, placed top-left in the
 artefact's image size); one larger than that size is refused with a message, never shrunk. Writes per image what
 `--mode=predict` writes: the segmentation (palette and colour PNGs), a heat map per scale and the panel. An
 unreadable or too large image is reported and skipped; the exit status is 1 when no image gave an output.

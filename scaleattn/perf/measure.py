@@ -177,7 +177,7 @@ def eval_runner(config: ml_collections.ConfigDict, batch_size: int) -> Runner:
   """The eval step on whole images padded to config.input.eval_size."""
   exp = build_experiment(config)
   batch = sharding.global_batch(exp.mesh, _random_batch(config, (batch_size,), config.input.eval_size, mask=True))
-  params = exp.init_state(jax.random.key(0)).params
+  params = exp.init_state(jax.random.key(0)).weights
   eval_fn = segmentation.jit_eval_step(exp)
   t = time.perf_counter()
   compiled = eval_fn.lower(params, batch).compile()
@@ -202,7 +202,7 @@ def inference_runner(config: ml_collections.ConfigDict, height: int, width: int,
   config.eval.tile_size, config.eval.memory_budget_gb = tile, 0.0
   config.eval.tiles_per_step = tiles_per_step or config.eval.tiles_per_step
   exp = build_experiment(config)
-  params = exp.init_state(jax.random.key(0)).params
+  params = exp.init_state(jax.random.key(0)).weights
   image = np.random.default_rng(0).normal(0, 50, (1, height, width, 3)).astype(np.float32)
   valid = np.ones((1, height, width), bool)
   t = time.perf_counter()
@@ -259,7 +259,7 @@ def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list
       config.eval.memory_budget_gb = budget
       exp = build_experiment(config)
       try:
-        chosen_plan = forward.plan(exp, exp.abstract_state.params, rows=1, size=max(height, width))
+        chosen_plan = forward.plan(exp, exp.abstract_state.weights, rows=1, size=max(height, width))
         tiled = chosen_plan.tiled
         chosen = {"tile_size": tiled.tile if tiled else 0, "tiles_per_step": tiled.tiles_per_step if tiled else None,
                   "measured_bytes": chosen_plan.measured}
