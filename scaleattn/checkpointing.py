@@ -115,10 +115,19 @@ class Checkpoints:
         ]),
         preservation_policy=pp.AnyPreservationPolicy(preserve),
         cleanup_tmp_directories=True,
+        # Orbax's barriers between processes are device collectives (a psum over every device) unless it is told
+        # which processes take part; then they are the coordination service's, which time out with the barrier's
+        # name instead of hanging, and put no collective of their own between the training step's. The
+        # checkpoint directory is then ours to create.
+        create=jax.process_count() == 1,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            active_processes=set(range(jax.process_count())) if jax.process_count() > 1 else None),
     )
     self.directory = os.fspath(directory)
     if "://" not in self.directory:  # Orbax's async saves need absolute local paths
       self.directory = os.path.abspath(self.directory)
+    if jax.process_count() > 1:
+      epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._in_flight: int | None = None  # the step whose asynchronous save may still be running
     self._write_error: CheckpointWriteError | None = None  # a full disk, once reported

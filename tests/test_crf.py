@@ -163,11 +163,15 @@ def test_bilateral_grid_against_exact(xy_std, rgb_std):
   np.testing.assert_allclose(alone[7, 5, 0], 1.0, rtol=1e-5)
 
 
+# Normalized messages with weights summing over crf.mean_field.BOUNDED_MESSAGE_LIMIT take the max-subtracting softmax.
+STRONG = dict(PARAMS, bilateral_weight=40.0, gaussian_weight=20.0)
+
+
 @pytest.mark.parametrize("h,w,seed", CASES)
-@pytest.mark.parametrize("normalize", [False, True])
-def test_exact_crf_matches_reference(h, w, seed, normalize):
+@pytest.mark.parametrize("normalize,params", [(False, PARAMS), (True, NORMALIZED), (True, STRONG)],
+                         ids=["plain", "normalized", "normalized-strong"])
+def test_exact_crf_matches_reference(h, w, seed, normalize, params):
   scores, image, _ = case(h, w, seed)
-  params = NORMALIZED if normalize else PARAMS
   expected = reference_mean_field(scores, image, iterations=ITERATIONS, normalize=normalize, **params)[-1]
   got = run(scores, image, iterations=ITERATIONS, filter="exact", normalize=normalize, **params)
   assert 0.05 < np.mean(np.abs(expected - np.exp(log_softmax(scores.astype(np.float64)))))  # the CRF does something

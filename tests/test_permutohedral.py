@@ -138,6 +138,28 @@ def test_dense_lattice_takes_the_large_capacity():
   np.testing.assert_allclose(run_filter(values, feats, bounds), direct, rtol=1e-6, atol=1e-7)
 
 
+def test_hash_table_numbers_each_distinct_key_once_and_finds_its_neighbours():
+  """The device hash table against NumPy's unique: on uniform 5-D noise (most vertices distinct, the table two
+  thirds full, so keys collide and probe on), every present vertex's number is its key's, distinct keys get
+  distinct numbers 0..count-1, absent pixels get none, and a lookup finds every stored key and no other."""
+  n = H * W
+  feats = np.random.default_rng(4).uniform(0, 4, (n, 5)).astype(np.float32)
+  valid = np.random.default_rng(6).uniform(size=n) > 0.2
+  layout = lattice.key_layout(((0.0, 4.0),) * 5)
+  keys = lattice.lattice_keys(jnp.asarray(feats), jnp.asarray(valid), layout)
+  key, point = np.asarray(keys.key), np.asarray(keys.point)
+  distinct, inverse = np.unique(key[valid], return_inverse=True)
+  assert int(keys.count) == len(distinct) and int(keys.probes) > 1
+  assert np.all(point[~valid] == -1)
+  numbers = point[valid].reshape(-1)
+  assert sorted(set(numbers.tolist())) == list(range(len(distinct)))
+  assert len(set(zip(inverse.reshape(-1).tolist(), numbers.tolist(), strict=True))) == len(distinct)
+  first = np.unique(inverse.reshape(-1), return_index=True)[1]  # a vertex of each distinct key
+  np.testing.assert_array_equal(np.asarray(lattice._find(keys, jnp.asarray(distinct))), numbers[first])
+  others = np.setdiff1d(np.arange(int(distinct.max()) + 1, int(distinct.max()) + 500, dtype=np.uint32), distinct)
+  assert np.all(np.asarray(lattice._find(keys, jnp.asarray(others))) == -1)
+
+
 def test_keys_that_do_not_fit_are_refused():
   with pytest.raises(ValueError, match="uint32"):
     lattice.key_layout(((0.0, 2000.0), (0.0, 2000.0), (0.0, 255.0), (0.0, 255.0), (0.0, 255.0)))

@@ -28,9 +28,25 @@ def _flat_lattice(values: jax.Array, lat: lattice.Lattice) -> jax.Array:
   return lattice.apply(lat, values.reshape(h * w, c)).reshape(h, w, c)
 
 
+BOUNDED_MESSAGE_LIMIT = 50.0  # float32 exp(x) for |x| <= 50 + log(classes) neither overflows nor underflows
+
+
+def _softmax_of_bounded(x: jax.Array) -> jax.Array:
+  """softmax over the last axis of logits whose largest entry per pixel lies within +-BOUNDED_MESSAGE_LIMIT: no
+  max subtraction, and the sum over classes as a dot, which XLA CPU computes once on its own; as a reduction it
+  was fused with the lattice's slice that produces x, and the whole iteration ran 1.6x slower."""
+  e = jnp.exp(x)
+  total = jnp.dot(e, jnp.ones((x.shape[-1], 1), x.dtype), precision=jax.lax.Precision.HIGHEST)
+  return e * (1.0 / total)
+
+
 def _iterate(log_p: jax.Array, mask: jax.Array, kernels: Sequence[Kernel], weights: Sequence[float], *,
              iterations: int, normalize: bool) -> jax.Array:
   """The parallel updates from Q = softmax(log_p); the kernels are built once, outside the loop."""
+  bounded = normalize and sum(abs(w) for w in weights) <= BOUNDED_MESSAGE_LIMIT
+  softmax = functools.partial(jax.nn.softmax, axis=-1)
+  if bounded:  # a normalized message is within +-sum |w| (Q in [0, 1]); with max log_p 0, so is the logits' max
+    log_p, softmax = log_p - jnp.max(log_p, axis=-1, keepdims=True), _softmax_of_bounded
   if normalize:  # densecrf: divide by the kernel's row sum over present pixels, self included
     weights = [weight / jnp.maximum(kernel(mask), 1e-20) for weight, kernel in zip(weights, kernels, strict=True)]
 
@@ -39,9 +55,9 @@ def _iterate(log_p: jax.Array, mask: jax.Array, kernels: Sequence[Kernel], weigh
     message = sum(weight * kernel(q) for weight, kernel in zip(weights, kernels, strict=True))
     if not normalize:
       message = message - sum(weights) * q  # j != i: both kernels are 1 at distance 0
-    return jax.nn.softmax(log_p + message, axis=-1)
+    return softmax(log_p + message)
 
-  return jax.lax.fori_loop(0, iterations, step, jnp.exp(log_p))
+  return jax.lax.fori_loop(0, iterations, step, jax.nn.softmax(log_p, axis=-1))
 
 
 def _mean_field(logits: jax.Array, image: jax.Array, valid: jax.Array, *, iterations: int, bilateral_weight: float,

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -78,7 +80,37 @@ flags.DEFINE_list("memory_budgets_gb", [], "With --inference_sizes: for each bud
                   "per step config.eval.memory_budget_gb would choose (compiled, not run).")
 flags.DEFINE_bool("time_budgets", False, "With --memory_budgets_gb: also time each budget's choice, alternating "
                   "with the other cases of the size.")
+flags.DEFINE_enum("case_processes", "auto", ["auto", "one", "each"], "Run all cases in this process ('one': peak "
+                  "memory is XLA's buffer assignment of each case's program) or each in a fresh one ('each': the "
+                  "device's own peak, which JAX cannot reset, is then the case's); 'auto': 'each' unless JAX runs "
+                  "on the CPU.")
+flags.DEFINE_integer("case_index", -1, "Run only the case with this index, in the order 'one' runs them (what "
+                     "--case_processes=each gives each of its processes).")
+flags.DEFINE_list("matmul_peaks", [], "precision=GFLOP/s measured by an earlier process of the same record "
+                  "(--case_processes=each measures them once).")
 host_memory.define_flag()
+
+
+class CaseSelector:
+  """Counts the cases in the order they come; `take()` says whether to run the current one (all, or the one at
+  --case_index)."""
+
+  def __init__(self, index: int):
+    self.index, self.seen = index, 0
+
+  def take(self) -> bool:
+    self.seen += 1
+    return self.index < 0 or self.seen - 1 == self.index
+
+  @property
+  def alone(self) -> bool:
+    """Whether this process runs a single case: the device's peak since the start is then the case's own."""
+    return self.index >= 0
+
+
+def device_memory_stats() -> dict:
+  """The first device's allocator statistics (empty on CPU)."""
+  return jax.devices()[0].memory_stats() or {}
 
 
 # Dense (no sparsity) bf16 peak TFLOP/s of one JAX device, from the vendors' data sheets: (substring of the
@@ -238,23 +270,26 @@ def computed_pixels(model: Any, height: int, width: int, tiled: Any) -> int:
   return -(-count // per_step) * per_step * tiled.tile ** 2
 
 
-def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list[dict]:
+def inference_cases(base: ml_collections.ConfigDict, peak: float | None, selector: CaseSelector) -> list[dict]:
   """Whole against tiled prediction per image size: images/s (median of --steps calls, the cases of a size
   alternating call by call, so that a loaded machine slows them alike; their ratio to the whole image's), the input
   pixels each computes (per image pixel: the overlap's and padding's overhead; per second: the efficiency), and
   XLA's bytes of each compiled program (the largest is recorded as the peak: the programs run one after another,
-  and what the tiled pass keeps between them is in host memory, recorded beside); the device's own peak since the
-  process started where it keeps one; the tile and tiles per step each budget chooses (timed with
-  --time_budgets)."""
+  and what the tiled pass keeps between them is in host memory, recorded beside); the device's own peak where it
+  keeps one and the case ran alone in its process; the tile and tiles per step each budget chooses (timed with
+  --time_budgets: one case with the budget's)."""
   cases = []
   model = build_experiment(base).eval_model
   for size in FLAGS.inference_sizes:
     height, width = (int(n) for n in size.split("x"))
     runs = {}
     for tile in map(int, FLAGS.tile_sizes):
-      runs[f"predict-{size}-" + (f"tile{tile}" if tile else "whole")] = inference_runner(
-          base, height, width, tile, FLAGS.tiles_per_step)
+      if selector.take():
+        runs[f"predict-{size}-" + (f"tile{tile}" if tile else "whole")] = inference_runner(
+            base, height, width, tile, FLAGS.tiles_per_step)
     for budget in map(float, FLAGS.memory_budgets_gb):
+      if not selector.take():
+        continue
       config = base.copy_and_resolve_references()
       config.eval.memory_budget_gb = budget
       exp = build_experiment(config)
@@ -293,22 +328,29 @@ def inference_cases(base: ml_collections.ConfigDict, peak: float | None) -> list
           "computed_pixels_per_s": pixels / median, "program_bytes": run.program_bytes,
           "peak_memory_bytes": max(run.program_bytes.values()), "peak_memory_source": "xla_buffer_assignment",
           "host_bytes_held": run.host_bytes,
-          **({"device_peak_bytes_since_start": stats["peak_bytes_in_use"]} if "peak_bytes_in_use" in (
-              stats := jax.devices()[0].memory_stats() or {}) else {})})
-    whole = next((c for c in timed if c["tile_size"] == 0), None)
-    for case in timed:
-      if whole is not None:
-        case["images_per_s_vs_whole"] = case["images_per_s"] / whole["images_per_s"]
-        case["computed_pixels_per_s_vs_whole"] = case["computed_pixels_per_s"] / whole["computed_pixels_per_s"]
-      print(json.dumps(case), flush=True)
+          **({"device_peak_bytes": stats["peak_bytes_in_use"]} if selector.alone and "peak_bytes_in_use" in (
+              stats := device_memory_stats()) else {})})
+      print(json.dumps(timed[-1]), flush=True)
     cases.extend(timed)
   return cases
 
 
-def measure(runner: Runner, batch_size: int, steps: int, model_flop: float, datasheet_gflops: float | None) -> dict:
+def add_ratios_to_whole(cases: list[dict]) -> None:
+  """Each prediction case's images/s and computed pixels/s over those of the whole image of its size (the cases may
+  come from different processes)."""
+  predictions = [c for c in cases if c["kind"] == "predict"]
+  for case in predictions:
+    whole = next((c for c in predictions if c["tile_size"] == 0 and c["image_size"] == case["image_size"]), None)
+    if whole is not None:
+      case["images_per_s_vs_whole"] = case["images_per_s"] / whole["images_per_s"]
+      case["computed_pixels_per_s_vs_whole"] = case["computed_pixels_per_s"] / whole["computed_pixels_per_s"]
+
+
+def measure(runner: Runner, batch_size: int, steps: int, model_flop: float, datasheet_gflops: float | None,
+            alone: bool) -> dict:
   """Median (and min) step time over `steps` runs after one warm-up run, throughput, achieved GFLOP/s of the whole
   step on all its devices (XLA's count of the compiled step, and the model's `model_flop`), and MFU against
-  `datasheet_gflops` (one device's peak) where known."""
+  `datasheet_gflops` (one device's peak) where known. `alone`: this case is the only one its process ran."""
   times = call_times(runner.run, steps)
   median = float(np.median(times))
   xla_flop = _flops(runner.compiled) * runner.devices  # XLA counts one device's share of the partitioned step
@@ -318,14 +360,15 @@ def measure(runner: Runner, batch_size: int, steps: int, model_flop: float, data
           "compile_s": runner.compile_s, "images_per_s": batch_size / median, "gflop_per_step": xla_flop / 1e9,
           "gflops_per_s": xla_flop / median / 1e9, "model_gflop_per_step": model_flop / 1e9,
           "model_gflops_per_s": model_gflops, "datasheet_peak_gflops_per_s": datasheet_gflops, "mfu": mfu,
-          **_peak_memory(runner.compiled)}
+          **_peak_memory(runner.compiled, alone)}
 
 
-def _peak_memory(compiled) -> dict:
-  """The device's own peak where it keeps one (GPU, TPU); otherwise (CPU) the step's buffers as XLA assigned
-  them: arguments + outputs + temporaries - donated aliases, the most the step holds at once."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
+def _peak_memory(compiled, alone: bool) -> dict:
+  """The device's own peak where it keeps one (GPU, TPU) and the case ran alone in its process (the peak is
+  since the process started); otherwise the step's buffers as XLA assigned them: arguments + outputs +
+  temporaries - donated aliases, the most the step holds at once."""
+  stats = device_memory_stats()
+  if alone and "peak_bytes_in_use" in stats:
     return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "peak_memory_source": "device"}
   if compiled.memory_analysis() is None:
     return {"peak_memory_bytes": None, "peak_memory_source": "unavailable"}
@@ -373,13 +416,36 @@ def profile(runner: Runner, trace_dir: str, steps: int) -> dict[str, float]:
   return time_by_op_kind(trace_dir, runner.compiled.as_text(), steps)
 
 
-def main(argv):
-  del argv
-  retained = host_memory.retain_on_cpu(FLAGS.retain_host_memory)
+def record_from_own_processes() -> dict:
+  """Runs this command again once per case (--case_index=0, 1, ... until one runs none), each in a fresh process,
+  and joins their records. This process touches no device: a TPU admits one process at a time, and a GPU's memory
+  would be shared."""
+  record, cases = None, []
+  with tempfile.TemporaryDirectory() as tmp:
+    for index in itertools.count():
+      out = os.path.join(tmp, f"case_{index}.json")
+      command = [sys.executable, *sys.orig_argv[1:], f"--case_index={index}", "--case_processes=one", f"--out={out}"]
+      if record is not None:  # the first process measured the matmul peaks
+        command.append("--matmul_peaks=" + ",".join(f"{p}={v!r}" for p, v in record["matmul_peaks"].items()))
+      subprocess.run(command, check=True)
+      with open(out) as f:
+        ran = json.load(f)
+      record = record or ran
+      if not ran["cases"]:
+        return {**record, "case_processes": "each", "cases": cases}
+      cases.extend(ran["cases"])
+
+
+def record_in_this_process(retained: int) -> dict:
+  """Every case (or the one at --case_index) run here, with the environment and the matmul peaks."""
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
-  peaks = {} if FLAGS.memory_only else {p: matmul_peak_gflops(p) for p in FLAGS.precision}
-  logging.info("Measured matmul peaks (GFLOP/s): %s", peaks)
+  if FLAGS.matmul_peaks:
+    peaks = {p: float(v) for p, v in (item.split("=") for item in FLAGS.matmul_peaks)}
+  else:
+    peaks = {} if FLAGS.memory_only else {p: matmul_peak_gflops(p) for p in FLAGS.precision}
+    logging.info("Measured matmul peaks (GFLOP/s): %s", peaks)
+  selector = CaseSelector(FLAGS.case_index)
   datasheet = {p: datasheet_peak_gflops(jax.devices()[0].device_kind, p) for p in FLAGS.precision}
   target_mesh, target_platform, target = None, None, {}
   if FLAGS.tpu_topology:
@@ -389,8 +455,35 @@ def main(argv):
     target_mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
     target_platform = "tpu"
     target = {"compiled_for": FLAGS.tpu_topology, "compiled_for_device": topology.devices[0].device_kind}
-  cases = inference_cases(base, peaks.get("float32")) if FLAGS.inference_sizes else []
-  for scales, precision, microbatches, remat in [] if FLAGS.inference_sizes else itertools.product(scale_sets, FLAGS.precision,
+  if FLAGS.inference_sizes:
+    cases = inference_cases(base, peaks.get("float32"), selector)
+  else:
+    cases = train_and_eval_cases(base, scale_sets, peaks, datasheet, selector, target_mesh, target_platform)
+  return {**environment(), **target, "host_memory_retained": retained, "case_processes": "one",
+          "matmul_peaks": peaks, "cases": cases}
+
+
+def main(argv):
+  del argv
+  retained = host_memory.retain_on_cpu(FLAGS.retain_host_memory)
+  each = FLAGS.case_processes == "each" or (FLAGS.case_processes == "auto" and not host_memory.cpu_process())
+  if each and FLAGS.case_index < 0:
+    record = record_from_own_processes()
+  else:
+    record = record_in_this_process(retained)
+  add_ratios_to_whole(record["cases"])
+  if FLAGS.out:
+    record["command"] = " ".join(["python -m scaleattn.benchmark", *sys.argv[1:]])
+    with open(FLAGS.out, "w") as f:
+      json.dump(record, f, indent=2)
+
+
+def train_and_eval_cases(base: ml_collections.ConfigDict, scale_sets: list[tuple[float, ...]],
+                         peaks: dict[str, float], datasheet: dict[str, float | None], selector: CaseSelector,
+                         target_mesh: Mesh | None, target_platform: str | None) -> list[dict]:
+  """The train (and eval) step of every scale set x precision x scale-execution path x microbatches x remat."""
+  cases = []
+  for scales, precision, microbatches, remat in itertools.product(scale_sets, FLAGS.precision,
                                                                   map(int, FLAGS.microbatches), FLAGS.remat):
     for execution in (FLAGS.scale_execution if len(scales) > 1 else ["loop"]):
       config = base.copy_and_resolve_references()
@@ -406,6 +499,8 @@ def main(argv):
       if microbatches > 1 or remat != "none":
         name += f"-k{microbatches}-remat_{remat}"
       if FLAGS.memory_only:
+        if not selector.take():
+          continue
         built = train_runner(config, compile_only=True, mesh=target_mesh, platform=target_platform)
         case = {"name": f"train-{name}", "kind": "train", "batch_size": FLAGS.batch_size,
                 "image_size": config.input.crop_size, **common, "compile_s": built.compile_s,
@@ -418,22 +513,20 @@ def main(argv):
         runs.append(("eval", FLAGS.eval_batch_size, config.input.eval_size,
                      functools.partial(eval_runner, config, FLAGS.eval_batch_size)))
       for kind, batch_size, size, runner in runs:
+        if not selector.take():
+          continue
         built = runner()
         counted = config.model.copy_and_resolve_references()  # eval runs config.eval.scales when set
         counted.scales = tuple(config.eval.scales or config.model.scales) if kind == "eval" else config.model.scales
         model_flop = flops.step_flops(counted, batch_size, size, size, train=kind == "train")
         case = {"name": f"{kind}-{name}", "kind": kind, "batch_size": batch_size, "image_size": size, **common,
-                **measure(built, batch_size, FLAGS.steps, model_flop, datasheet[precision])}
+                **measure(built, batch_size, FLAGS.steps, model_flop, datasheet[precision], selector.alone)}
         if FLAGS.profile_dir:
           case["ms_per_step_by_op_kind"] = profile(built, os.path.join(FLAGS.profile_dir, case["name"]),
                                                    FLAGS.profile_steps)
         print(json.dumps(case), flush=True)
         cases.append(case)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      command = " ".join(["python -m scaleattn.benchmark", *sys.argv[1:]])
-      json.dump({**environment(), **target, "command": command, "host_memory_retained": retained,
-                 "cases": cases}, f, indent=2)
+  return cases
 
 
 if __name__ == "__main__":

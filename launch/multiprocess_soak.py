@@ -1,0 +1,118 @@
+"""Consecutive 2-process runs of the smoke config on this machine (4 CPU devices per process, gloo collectives, a
+checkpoint every 4 steps), counting the runs that stall: both processes alive and their logs silent for --quiet_s
+seconds. A stalled run's processes get their native and Python stacks dumped (`py-spy dump --native`, when py-spy
+is installed) next to their logs, then are killed.
+
+  PYTHONPATH=. python launch/multiprocess_soak.py --runs=30 --workdir=workdirs/soak \
+      --out=launch/results/multiprocess_soak.json
+
+The watchdog's timeouts are raised past --quiet_s so that a stall is caught here, stacks and all, before the
+watchdog would end it. The record lists every run (seconds, exit statuses, stalled or not) with the commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from launch import grid_runs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("runs", 30, "Consecutive 2-process runs.")
+flags.DEFINE_string("workdir", "workdirs/soak", "Where the runs' workdirs, logs and stack dumps go.")
+flags.DEFINE_float("quiet_s", 90.0, "A run whose logs have not grown for this long while both processes live stalled.")
+flags.DEFINE_float("limit_s", 600.0, "A run not finished after this long counts as stalled too.")
+flags.DEFINE_integer("steps", 12, "Training steps per run.")
+flags.DEFINE_integer("checkpoint_every", 4, "Checkpoint interval in steps.")
+flags.DEFINE_string("out", "", "JSON record to write (rewritten after every run).")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
+  port, steps = _free_port(), FLAGS.steps
+  flags_ = [f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke", f"--workdir={workdir}",
+            f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={steps}",
+            f"--config.train.eval_every_steps={steps}", f"--config.train.checkpoint_every_steps={FLAGS.checkpoint_every}",
+            "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0", "--compilation_cache_dir=",
+            "--config.distributed.heartbeat_timeout_seconds=4", "--config.distributed.shutdown_timeout_seconds=22",
+            f"--config.train.step_timeout_seconds={int(4 * FLAGS.quiet_s)}",
+            f"--config.train.first_steps_timeout_seconds={int(8 * FLAGS.quiet_s)}",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO)
+  return [subprocess.Popen([sys.executable, "-m", "scaleattn.main", *flags_, f"--process_id={i}"], cwd=REPO, env=env,
+                           stdout=open(f"{workdir}.process_{i}.log", "w"), stderr=subprocess.STDOUT)
+          for i in range(2)]
+
+
+def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> list[str]:
+  paths = []
+  for i, p in enumerate(procs):
+    if p.poll() is None and shutil.which("py-spy"):
+      path = f"{workdir}.stacks_{i}.txt"
+      with open(path, "w") as f:
+        subprocess.run(["py-spy", "dump", "--native", "--pid", str(p.pid)], stdout=f, stderr=subprocess.STDOUT,
+                       timeout=300, check=False)
+      paths.append(path)
+  return paths
+
+
+def one_run(data_dir: str, workdir: str) -> dict:
+  shutil.rmtree(workdir, ignore_errors=True)
+  start = time.time()
+  procs = _start(data_dir, workdir)
+  sizes, changed, stalled, stacks = None, time.time(), False, []
+  while any(p.poll() is None for p in procs):
+    time.sleep(2)
+    now = [os.path.getsize(f"{workdir}.process_{i}.log") for i in range(2)]
+    if now != sizes:
+      sizes, changed = now, time.time()
+    if time.time() - changed > FLAGS.quiet_s or time.time() - start > FLAGS.limit_s:
+      stalled, stacks = True, _dump_stacks(procs, workdir)
+      for p in procs:
+        p.kill()
+        p.wait()
+      break
+  codes = [p.returncode for p in procs]
+  return {"seconds": time.time() - start, "exit_codes": codes, "stalled": stalled,
+          "ok": not stalled and codes == [0, 0], "stacks": stacks}
+
+
+def main(argv):
+  del argv
+  from configs import shapes  # noqa: PLC0415
+  from scaleattn.data import input_pipeline  # noqa: PLC0415
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  data_dir = os.path.abspath(os.path.join(FLAGS.workdir, "data"))
+  config = shapes.get_config("smoke")
+  config.dataset.data_dir = data_dir
+  input_pipeline.create_datasets(config)  # prepared once, before the processes read it
+  record = {"command": " ".join(["PYTHONPATH=. python launch/multiprocess_soak.py", *sys.argv[1:]]),
+            "commit": grid_runs.commit(), "machine": grid_runs.machine(), "runs": []}
+  for k in range(FLAGS.runs):
+    run = {"run": k, **one_run(data_dir, os.path.abspath(os.path.join(FLAGS.workdir, f"run{k}")))}
+    print(json.dumps(run), flush=True)
+    record["runs"].append(run)
+    record["summary"] = {"runs": len(record["runs"]), "ok": sum(r["ok"] for r in record["runs"]),
+                         "stalled": sum(r["stalled"] for r in record["runs"]),
+                         "max_seconds": max(r["seconds"] for r in record["runs"])}
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
