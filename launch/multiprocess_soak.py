@@ -1,7 +1,7 @@
 """Consecutive 2-process runs of the smoke config on this machine (4 CPU devices per process, gloo collectives, a
-checkpoint every 4 steps), counting the runs that stall: both processes alive and their logs silent for --quiet_s
-seconds. A stalled run's processes get their native and Python stacks dumped (`py-spy dump --native`, when py-spy
-is installed) next to their logs, then are killed.
+checkpoint every 4 steps), counting the runs that stall: a process still running and both logs silent for --quiet_s
+seconds (or the run past --limit_s). A stalled run's processes get their native and Python stacks dumped
+(`py-spy dump --native`, when py-spy is installed) next to their logs, then are killed.
 
   PYTHONPATH=. python launch/multiprocess_soak.py --runs=30 --workdir=workdirs/soak \
       --out=launch/results/multiprocess_soak.json
@@ -45,7 +45,8 @@ def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
   port, steps = _free_port(), FLAGS.steps
   flags_ = [f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke", f"--workdir={workdir}",
             f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={steps}",
-            f"--config.train.eval_every_steps={steps}", f"--config.train.checkpoint_every_steps={FLAGS.checkpoint_every}",
+            f"--config.train.eval_every_steps={steps}",
+            f"--config.train.checkpoint_every_steps={FLAGS.checkpoint_every}",
             "--config.train.keep_checkpoints=3", "--config.eval.num_examples=0", "--compilation_cache_dir=",
             "--config.distributed.heartbeat_timeout_seconds=4", "--config.distributed.shutdown_timeout_seconds=22",
             f"--config.train.step_timeout_seconds={int(4 * FLAGS.quiet_s)}",
@@ -53,9 +54,12 @@ def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO)
-  return [subprocess.Popen([sys.executable, "-m", "scaleattn.main", *flags_, f"--process_id={i}"], cwd=REPO, env=env,
-                           stdout=open(f"{workdir}.process_{i}.log", "w"), stderr=subprocess.STDOUT)
-          for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(f"{workdir}.process_{i}.log", "w") as log:  # the child keeps its own descriptor
+      procs.append(subprocess.Popen([sys.executable, "-m", "scaleattn.main", *flags_, f"--process_id={i}"], cwd=REPO,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
 
 
 def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> list[str]:

@@ -138,10 +138,11 @@ def test_dense_lattice_takes_the_large_capacity():
   np.testing.assert_allclose(run_filter(values, feats, bounds), direct, rtol=1e-6, atol=1e-7)
 
 
-def test_hash_table_numbers_each_distinct_key_once_and_finds_its_neighbours():
-  """The device hash table against NumPy's unique: on uniform 5-D noise (most vertices distinct, the table two
-  thirds full, so keys collide and probe on), every present vertex's number is its key's, distinct keys get
-  distinct numbers 0..count-1, absent pixels get none, and a lookup finds every stored key and no other."""
+def test_hash_table_numbers_each_distinct_key_once_and_links_the_blur_neighbours():
+  """The device hash table against NumPy's unique, on uniform 5-D noise (most vertices distinct, so keys collide
+  and probe on) with a fifth of the pixels absent: every present vertex's number is its key's, distinct keys get
+  distinct numbers 0..count-1, absent pixels none, a lookup finds every stored key and no other, and each point's
+  neighbour along each lattice direction is the point whose key is its own moved one step, where one exists."""
   n = H * W
   feats = np.random.default_rng(4).uniform(0, 4, (n, 5)).astype(np.float32)
   valid = np.random.default_rng(6).uniform(size=n) > 0.2
@@ -149,15 +150,30 @@ def test_hash_table_numbers_each_distinct_key_once_and_finds_its_neighbours():
   keys = lattice.lattice_keys(jnp.asarray(feats), jnp.asarray(valid), layout)
   key, point = np.asarray(keys.key), np.asarray(keys.point)
   distinct, inverse = np.unique(key[valid], return_inverse=True)
-  assert int(keys.count) == len(distinct) and int(keys.probes) > 1
+  count = len(distinct)
+  assert int(keys.count) == count and int(keys.probes) > 1
   assert np.all(point[~valid] == -1)
   numbers = point[valid].reshape(-1)
-  assert sorted(set(numbers.tolist())) == list(range(len(distinct)))
-  assert len(set(zip(inverse.reshape(-1).tolist(), numbers.tolist(), strict=True))) == len(distinct)
+  assert sorted(set(numbers.tolist())) == list(range(count))
+  assert len(set(zip(inverse.reshape(-1).tolist(), numbers.tolist(), strict=True))) == count
   first = np.unique(inverse.reshape(-1), return_index=True)[1]  # a vertex of each distinct key
   np.testing.assert_array_equal(np.asarray(lattice._find(keys, jnp.asarray(distinct))), numbers[first])
   others = np.setdiff1d(np.arange(int(distinct.max()) + 1, int(distinct.max()) + 500, dtype=np.uint32), distinct)
   assert np.all(np.asarray(lattice._find(keys, jnp.asarray(others))) == -1)
+  capacity = n * 6
+  lat = lattice.with_capacity(keys, layout, capacity)
+  key_of = np.empty(count, np.uint32)
+  key_of[numbers] = key[valid].reshape(-1)
+  number_of = {int(k): int(i) for i, k in enumerate(key_of)}
+  coords = np.asarray(lattice._unpack(jnp.asarray(key_of), layout))
+  for j in range(6):
+    step = np.full(5, -1, np.int32)
+    if j < 5:
+      step[j] = 5
+    for side, sign in enumerate((-1, 1)):
+      moved = np.asarray(lattice._pack(jnp.asarray(coords + sign * step), layout))
+      expected = [number_of.get(int(k), capacity) for k in moved]
+      np.testing.assert_array_equal(np.asarray(lat.neighbours[j, side, :count]), expected)
 
 
 def test_keys_that_do_not_fit_are_refused():

@@ -9,11 +9,13 @@ touches exist (the lattice is sparse); blur neighbours that do not exist read ze
 
 Static shapes. A lattice point's d integer coordinates are packed into one uint32 key; the keys of all N (d + 1)
 vertices go into a hash table built on the device (`lattice_keys`), which numbers the distinct ones, and each
-point's 2 (d + 1) blur neighbours are looked up in it. The number of distinct points (`Keys.count`) depends on the data; the arrays are sized for a
-static `capacity`. `capacities` gives the sizes to compile for: the smallest one that holds the image's lattice
-is chosen at run time (lax.switch), as sizing every image for the worst case, N (d + 1) points, makes the blur
-and the splat's buffers several times larger than the lattices of real images (N / 5 to N / 6 points on the
-513x513 synthetic images of launch/crf_reference.py with DeepLab's bilateral stds).
+point's 2 (d + 1) blur neighbours are looked up in it. The number of distinct points (`Keys.count`) depends on
+the data; the arrays are sized for a static `capacity`. `capacities` gives the sizes to compile for: the smallest
+one that holds the image's lattice is chosen at run time (lax.switch), as sizing every image for the worst case,
+N (d + 1) points, makes the blur and the splat's buffers several times larger than the lattices of real images
+(N / 5 to N / 6 points on the 513x513 synthetic images of launch/crf_reference.py with DeepLab's bilateral stds).
+The hash table is sized for the worst case (8 bytes per slot, 1.5 to 3 slots per vertex): about 32 MB for a
+513x513 image's appearance lattice, held while the CRF runs.
 """
 from __future__ import annotations
 
@@ -104,7 +106,8 @@ def _unpack(key: jax.Array, layout: KeyLayout) -> jax.Array:
 def _computed_once(columns: list[jax.Array]) -> list[jax.Array]:
   """The same [N] float32 columns, materialised: XLA CPU otherwise fuses their (long) expressions into every
   consumer and recomputes them there, which made the simplex search 3x slower. A dot with the identity is exact
-  (each output is one product by 1 plus products by 0) and is not fused into its consumers."""
+  for finite values (each output is one product by 1 plus products by 0; the features are clipped to their bounds)
+  and is not fused into its consumers; XLA CPU drops optimization barriers before fusing."""
   m = jnp.stack(columns, axis=-1)
   m = jnp.dot(m, jnp.eye(m.shape[-1], dtype=m.dtype), precision=jax.lax.Precision.HIGHEST)
   return [m[:, k] for k in range(m.shape[-1])]
@@ -169,8 +172,8 @@ def _hash_slots(key: jax.Array, size: int) -> jax.Array:
 
 
 def _table_size(entries: int) -> int:
-  """A power of two at least 1.5 times `entries`: every vertex's key could be distinct."""
-  return 1 << max(math.ceil(math.log2(1.5 * entries)), 1)
+  """A power of two at least 1.5 times `entries` (and 2): every vertex's key could be distinct."""
+  return 1 << max(math.ceil(math.log2(1.5 * max(entries, 1))), 1)
 
 
 def lattice_keys(features: jax.Array, valid: jax.Array, layout: KeyLayout) -> Keys:
@@ -206,7 +209,8 @@ def lattice_keys(features: jax.Array, valid: jax.Array, layout: KeyLayout) -> Ke
 
 
 def _find(keys: Keys, query: jax.Array) -> jax.Array:
-  """[Q] uint32 keys -> their numbers, -1 where not in the table."""
+  """[Q] uint32 keys -> their numbers, -1 where not in the table (a query equal to _ABSENT, the free slots' mark,
+  would read a free slot's meaningless number: lattice points' keys are all below it)."""
   size = keys.table.shape[0]
 
   def probe(_, carry):
@@ -235,10 +239,11 @@ def with_capacity(keys: Keys, layout: KeyLayout, capacity: int) -> Lattice:
     pair = []
     for sign in (-1, 1):
       found = _find(keys, _pack(coords + sign * step, layout))
-      pair.append(jnp.concatenate([jnp.where(present & (found >= 0), found, capacity),
+      pair.append(jnp.concatenate([jnp.where(present & (found >= 0) & (found < capacity), found, capacity),
                                    jnp.full(1, capacity, jnp.int32)]))
     neighbours.append(jnp.stack(pair))
-  vertex = jnp.where(keys.point < 0, capacity, keys.point)
+  # Points past the capacity (possible only if the caller chose it too small) read and write the zero slot.
+  vertex = jnp.where((keys.point < 0) | (keys.point >= capacity), capacity, keys.point)
   return Lattice(vertex, keys.weight, jnp.stack(neighbours))
 
 

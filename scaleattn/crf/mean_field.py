@@ -45,7 +45,9 @@ def _iterate(log_p: jax.Array, mask: jax.Array, kernels: Sequence[Kernel], weigh
   """The parallel updates from Q = softmax(log_p); the kernels are built once, outside the loop."""
   bounded = normalize and sum(abs(w) for w in weights) <= BOUNDED_MESSAGE_LIMIT
   softmax = functools.partial(jax.nn.softmax, axis=-1)
-  if bounded:  # a normalized message is within +-sum |w| (Q in [0, 1]); with max log_p 0, so is the logits' max
+  # A normalized message is within +-sum |w| (Q in [0, 1], and every filter's weights are >= 0, so K(Q m) / K(m)
+  # lies in [0, 1]); with max log_p 0, so is the logits' max.
+  if bounded:
     log_p, softmax = log_p - jnp.max(log_p, axis=-1, keepdims=True), _softmax_of_bounded
   if normalize:  # densecrf: divide by the kernel's row sum over present pixels, self included
     weights = [weight / jnp.maximum(kernel(mask), 1e-20) for weight, kernel in zip(weights, kernels, strict=True)]

@@ -79,11 +79,11 @@ flags.DEFINE_integer("tiles_per_step", None, "With --tile_sizes: tiles per backb
 flags.DEFINE_list("memory_budgets_gb", [], "With --inference_sizes: for each budget and size, the tile and tiles "
                   "per step config.eval.memory_budget_gb would choose (compiled, not run).")
 flags.DEFINE_bool("time_budgets", False, "With --memory_budgets_gb: also time each budget's choice, alternating "
-                  "with the other cases of the size.")
+                  "with the other cases of the size (in one process).")
 flags.DEFINE_enum("case_processes", "auto", ["auto", "one", "each"], "Run all cases in this process ('one': peak "
                   "memory is XLA's buffer assignment of each case's program) or each in a fresh one ('each': the "
                   "device's own peak, which JAX cannot reset, is then the case's); 'auto': 'each' unless JAX runs "
-                  "on the CPU.")
+                  "on the CPU or --memory_only.")
 flags.DEFINE_integer("case_index", -1, "Run only the case with this index, in the order 'one' runs them (what "
                      "--case_processes=each gives each of its processes).")
 flags.DEFINE_list("matmul_peaks", [], "precision=GFLOP/s measured by an earlier process of the same record "
@@ -271,8 +271,9 @@ def computed_pixels(model: Any, height: int, width: int, tiled: Any) -> int:
 
 
 def inference_cases(base: ml_collections.ConfigDict, peak: float | None, selector: CaseSelector) -> list[dict]:
-  """Whole against tiled prediction per image size: images/s (median of --steps calls, the cases of a size
-  alternating call by call, so that a loaded machine slows them alike; their ratio to the whole image's), the input
+  """Whole against tiled prediction per image size: images/s (median of --steps calls; the cases of a size that
+  share this process alternate call by call, so that a loaded machine slows them alike; the ratio to the whole
+  image's is taken afterwards, `add_ratios_to_whole`), the input
   pixels each computes (per image pixel: the overlap's and padding's overhead; per second: the efficiency), and
   XLA's bytes of each compiled program (the largest is recorded as the peak: the programs run one after another,
   and what the tiled pass keeps between them is in host memory, recorded beside); the device's own peak where it
@@ -416,24 +417,50 @@ def profile(runner: Runner, trace_dir: str, steps: int) -> dict[str, float]:
   return time_by_op_kind(trace_dir, runner.compiled.as_text(), steps)
 
 
+_CASE_PROCESS = "SCALEATTN_BENCHMARK_CASE_PROCESS"  # set for the processes record_from_own_processes starts
+
+
+def measured_peaks_in_own_process(precisions: list[str]) -> dict[str, float]:
+  """The matmul peaks, measured in a process of their own: in a case's process they would be its peak memory."""
+  code = ("import json, sys; from scaleattn.perf import measure; "
+          "print(json.dumps({p: measure.matmul_peak_gflops(p) for p in sys.argv[1:]}))")
+  out = subprocess.run([sys.executable, "-c", code, *precisions], check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parsed_peaks(items: list[str]) -> dict[str, float]:
+  """--matmul_peaks' 'precision=GFLOP/s' items."""
+  peaks = {}
+  for item in items:
+    precision, _, value = item.partition("=")
+    try:
+      peaks[precision] = float(value)
+    except ValueError:
+      raise app.UsageError(f"--matmul_peaks item {item!r}: expected precision=GFLOP/s, e.g. float32=166.0") from None
+  return peaks
+
+
 def record_from_own_processes() -> dict:
-  """Runs this command again once per case (--case_index=0, 1, ... until one runs none), each in a fresh process,
-  and joins their records. This process touches no device: a TPU admits one process at a time, and a GPU's memory
-  would be shared."""
-  record, cases = None, []
+  """Runs this command again once per case (--case_index=0, 1, ...), each in a fresh process, and joins their
+  records; the matmul peaks are measured once, in a process of their own. This process touches no device: a TPU
+  admits one process at a time, and a GPU's memory would be shared. The cases of an image size are then timed one
+  after another, not alternating."""
+  peaks = parsed_peaks(FLAGS.matmul_peaks) if FLAGS.matmul_peaks or FLAGS.memory_only else (
+      measured_peaks_in_own_process(FLAGS.precision))
+  record, cases, total, index = None, [], 1, 0
   with tempfile.TemporaryDirectory() as tmp:
-    for index in itertools.count():
+    while index < total:
       out = os.path.join(tmp, f"case_{index}.json")
       command = [sys.executable, *sys.orig_argv[1:], f"--case_index={index}", "--case_processes=one", f"--out={out}"]
-      if record is not None:  # the first process measured the matmul peaks
-        command.append("--matmul_peaks=" + ",".join(f"{p}={v!r}" for p, v in record["matmul_peaks"].items()))
-      subprocess.run(command, check=True)
+      if peaks:
+        command.append("--matmul_peaks=" + ",".join(f"{p}={v!r}" for p, v in peaks.items()))
+      subprocess.run(command, check=True, env={**os.environ, _CASE_PROCESS: "1"})
       with open(out) as f:
         ran = json.load(f)
-      record = record or ran
-      if not ran["cases"]:
-        return {**record, "case_processes": "each", "cases": cases}
+      record, total = record or ran, ran["cases_counted"]
       cases.extend(ran["cases"])
+      index += 1
+  return {**record, "case_processes": "each", "cases": cases}
 
 
 def record_in_this_process(retained: int) -> dict:
@@ -441,7 +468,7 @@ def record_in_this_process(retained: int) -> dict:
   base = FLAGS.config
   scale_sets = [tuple(float(s) for s in x.split("-")) for x in FLAGS.scales] or [tuple(base.model.scales)]
   if FLAGS.matmul_peaks:
-    peaks = {p: float(v) for p, v in (item.split("=") for item in FLAGS.matmul_peaks)}
+    peaks = parsed_peaks(FLAGS.matmul_peaks)
   else:
     peaks = {} if FLAGS.memory_only else {p: matmul_peak_gflops(p) for p in FLAGS.precision}
     logging.info("Measured matmul peaks (GFLOP/s): %s", peaks)
@@ -460,13 +487,17 @@ def record_in_this_process(retained: int) -> dict:
   else:
     cases = train_and_eval_cases(base, scale_sets, peaks, datasheet, selector, target_mesh, target_platform)
   return {**environment(), **target, "host_memory_retained": retained, "case_processes": "one",
-          "matmul_peaks": peaks, "cases": cases}
+          "matmul_peaks": peaks, "cases_counted": selector.seen, "cases": cases}
 
 
 def main(argv):
   del argv
   retained = host_memory.retain_on_cpu(FLAGS.retain_host_memory)
-  each = FLAGS.case_processes == "each" or (FLAGS.case_processes == "auto" and not host_memory.cpu_process())
+  each = FLAGS.case_processes == "each" or (FLAGS.case_processes == "auto" and not FLAGS.memory_only
+                                            and not host_memory.cpu_process())
+  if os.environ.get(_CASE_PROCESS) and FLAGS.case_index < 0:
+    raise app.UsageError("a case's process got no --case_index: a '--' in the benchmark's command line ends its "
+                         "flags; expected the flags before it")
   if each and FLAGS.case_index < 0:
     record = record_from_own_processes()
   else:
