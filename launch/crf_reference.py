@@ -14,7 +14,8 @@ Scores (--source):
   dataset, image and scores brought to HxW (bilinear), as evaluation upsamples them (C is the model's).
 Both CRFs run DeepLab-LargeFOV's VOC settings (10 iterations; bilateral weight 4, xy std 121, rgb std 5; Gaussian
 weight 3, xy std 3) with densecrf's NORMALIZE_AFTER messages (scaleattn's normalize=True). Times are the median of
---repeats calls per image, after one compiling call per case (jax_compile_s, which includes that first run).
+--repeats calls per image, the CRFs alternating call by call, after one compiling call per case (jax_compile_s,
+which includes that first run).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -110,14 +112,16 @@ def pydensecrf_q(scores: np.ndarray, image: np.ndarray) -> np.ndarray:
   return np.asarray(d.inference(SETTINGS["iterations"])).T.reshape(h, w, c)
 
 
-def median_time(fn, repeats: int):
-  """(median seconds, last result) of `repeats` calls."""
-  times, out = [], None
+def alternated_times(fns: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict[str, tuple[float, np.ndarray]]:
+  """(median seconds, last result) per function over `repeats` rounds, one call of each per round: drift in the
+  machine's speed then touches them alike."""
+  times, out = {name: [] for name in fns}, {}
   for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)), out
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      out[name] = fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: (float(np.median(times[name])), out[name]) for name in fns}
 
 
 def run_case(case: str) -> dict:
@@ -135,12 +139,15 @@ def run_case(case: str) -> dict:
     jax.block_until_ready(run(*pairs[0]))
     row[f"jax_{name}_compile_s"] = time.perf_counter() - t
   for i, (scores, image) in enumerate(pairs):
-    theirs_s, theirs = median_time(lambda s=scores, x=image: pydensecrf_q(s, x), FLAGS.repeats)
+    fns = {"pydensecrf": lambda s=scores, x=image: pydensecrf_q(s, x)}
+    for name, run in runs.items():
+      fns[name] = lambda s=scores, x=image, r=run: np.asarray(jax.block_until_ready(r(s, x)))
+    timed = alternated_times(fns, FLAGS.repeats)
+    theirs_s, theirs = timed["pydensecrf"]
     item = {"image": i, "pydensecrf_s": theirs_s,
             "pydensecrf_changed_by_crf": float(np.mean(theirs.argmax(-1) != scores.argmax(-1)))}
-    for name, run in runs.items():
-      ours_s, ours = median_time(lambda s=scores, x=image, r=run: np.asarray(jax.block_until_ready(r(s, x))),
-                                 FLAGS.repeats)
+    for name in runs:
+      ours_s, ours = timed[name]
       item[f"jax_{name}_s"] = ours_s
       item[f"jax_{name}_argmax_agreement"] = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
       item[f"jax_{name}_mean_abs_q_difference"] = float(np.mean(np.abs(ours - theirs)))
