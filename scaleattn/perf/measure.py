@@ -113,6 +113,13 @@ def device_memory_stats() -> dict:
   return jax.devices()[0].memory_stats() or {}
 
 
+def own_device_peak(alone: bool) -> int | None:
+  """The device's peak bytes since the process started where it keeps one and the case ran `alone` in its process
+  (the peak is then the case's own), else None."""
+  peak = device_memory_stats().get("peak_bytes_in_use")
+  return int(peak) if alone and peak is not None else None
+
+
 # Dense (no sparsity) bf16 peak TFLOP/s of one JAX device, from the vendors' data sheets: (substring of the
 # lower-cased device_kind, peak), first match wins. Other devices and other precisions get no MFU.
 DATASHEET_BF16_TFLOPS = (("h100 pcie", 756.5), ("h100 nvl", 835.5), ("h100", 989.4), ("h200 nvl", 835.5),
@@ -329,8 +336,7 @@ def inference_cases(base: ml_collections.ConfigDict, peak: float | None, selecto
           "computed_pixels_per_s": pixels / median, "program_bytes": run.program_bytes,
           "peak_memory_bytes": max(run.program_bytes.values()), "peak_memory_source": "xla_buffer_assignment",
           "host_bytes_held": run.host_bytes,
-          **({"device_peak_bytes": stats["peak_bytes_in_use"]} if selector.alone and "peak_bytes_in_use" in (
-              stats := device_memory_stats()) else {})})
+          **({"device_peak_bytes": peak} if (peak := own_device_peak(selector.alone)) is not None else {})})
       print(json.dumps(timed[-1]), flush=True)
     cases.extend(timed)
   return cases
@@ -368,9 +374,9 @@ def _peak_memory(compiled, alone: bool) -> dict:
   """The device's own peak where it keeps one (GPU, TPU) and the case ran alone in its process (the peak is
   since the process started); otherwise the step's buffers as XLA assigned them: arguments + outputs +
   temporaries - donated aliases, the most the step holds at once."""
-  stats = device_memory_stats()
-  if alone and "peak_bytes_in_use" in stats:
-    return {"peak_memory_bytes": int(stats["peak_bytes_in_use"]), "peak_memory_source": "device"}
+  peak = own_device_peak(alone)
+  if peak is not None:
+    return {"peak_memory_bytes": peak, "peak_memory_source": "device"}
   if compiled.memory_analysis() is None:
     return {"peak_memory_bytes": None, "peak_memory_source": "unavailable"}
   return {"peak_memory_bytes": memory_analysis(compiled)["total_bytes"], "peak_memory_source": "xla_buffer_assignment"}
