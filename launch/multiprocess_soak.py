@@ -1,7 +1,9 @@
 """Consecutive 2-process runs of the smoke config on this machine (4 CPU devices per process, gloo collectives, a
 checkpoint every 4 steps), counting the runs that stall: a process still running and both logs silent for --quiet_s
-seconds (or the run past --limit_s). A stalled run's processes get their native and Python stacks dumped
-(`py-spy dump --native`, when py-spy is installed) next to their logs, then are killed.
+seconds (or the run past --limit_s). A stalled run's processes get their CPU use over 10 s measured (a blocked
+process uses none, a spinning one a core) and their native and Python stacks dumped (`py-spy dump --native`, when
+py-spy is installed) next to their logs, then are killed. --load_processes starts that many CPU-bound NumPy loops
+at the runs' own priority beside every run, as a test suite's other worker loads the machine.
 
   PYTHONPATH=. python launch/multiprocess_soak.py --runs=30 --workdir=workdirs/soak \
       --out=launch/results/multiprocess_soak.json
@@ -30,6 +32,7 @@ flags.DEFINE_float("quiet_s", 90.0, "A run whose logs have not grown for this lo
 flags.DEFINE_float("limit_s", 600.0, "A run not finished after this long counts as stalled too.")
 flags.DEFINE_integer("steps", 12, "Training steps per run.")
 flags.DEFINE_integer("checkpoint_every", 4, "Checkpoint interval in steps.")
+flags.DEFINE_integer("load_processes", 0, "CPU-bound processes running beside every run, at its priority.")
 flags.DEFINE_string("out", "", "JSON record to write (rewritten after every run).")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +65,30 @@ def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
   return procs
 
 
+def _start_load() -> list[subprocess.Popen]:
+  loop = "import numpy as np\na = np.ones((512, 512), np.float32)\nwhile True:\n  a = np.tanh(a @ a * 1e-3)"
+  return [subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+          for _ in range(FLAGS.load_processes)]
+
+
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU time of process `pid`, all its threads."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_share(procs: list[subprocess.Popen], seconds: float = 10.0) -> list[float | None]:
+  """Each live process's CPU use over `seconds`, in cores (None: it had exited)."""
+  try:
+    before = [_cpu_seconds(p.pid) if p.poll() is None else None for p in procs]
+    time.sleep(seconds)
+    return [None if b is None or p.poll() is not None else (_cpu_seconds(p.pid) - b) / seconds
+            for p, b in zip(procs, before, strict=True)]
+  except FileNotFoundError:
+    return [None] * len(procs)
+
+
 def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> list[str]:
   paths = []
   for i, p in enumerate(procs):
@@ -77,22 +104,27 @@ def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> list[str]:
 def one_run(data_dir: str, workdir: str) -> dict:
   shutil.rmtree(workdir, ignore_errors=True)
   start = time.time()
+  load = _start_load()
   procs = _start(data_dir, workdir)
-  sizes, changed, stalled, stacks = None, time.time(), False, []
+  sizes, changed, stalled, stacks, cpu = None, time.time(), False, [], []
   while any(p.poll() is None for p in procs):
     time.sleep(2)
     now = [os.path.getsize(f"{workdir}.process_{i}.log") for i in range(2)]
     if now != sizes:
       sizes, changed = now, time.time()
     if time.time() - changed > FLAGS.quiet_s or time.time() - start > FLAGS.limit_s:
-      stalled, stacks = True, _dump_stacks(procs, workdir)
+      stalled, cpu = True, _cpu_share(procs)
+      stacks = _dump_stacks(procs, workdir)
       for p in procs:
         p.kill()
         p.wait()
       break
+  for p in load:
+    p.kill()
+    p.wait()
   codes = [p.returncode for p in procs]
   return {"seconds": time.time() - start, "exit_codes": codes, "stalled": stalled,
-          "ok": not stalled and codes == [0, 0], "stacks": stacks}
+          "ok": not stalled and codes == [0, 0], "stacks": stacks, "stalled_cpu_cores": cpu}
 
 
 def main(argv):
@@ -105,7 +137,8 @@ def main(argv):
   config.dataset.data_dir = data_dir
   input_pipeline.create_datasets(config)  # prepared once, before the processes read it
   record = {"command": " ".join(["PYTHONPATH=. python launch/multiprocess_soak.py", *sys.argv[1:]]),
-            "commit": grid_runs.commit(), "machine": grid_runs.machine(), "runs": []}
+            "commit": grid_runs.commit(), "machine": grid_runs.machine(),
+            "load_processes": FLAGS.load_processes, "runs": []}
   for k in range(FLAGS.runs):
     run = {"run": k, **one_run(data_dir, os.path.abspath(os.path.join(FLAGS.workdir, f"run{k}")))}
     print(json.dumps(run), flush=True)

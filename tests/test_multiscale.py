@@ -197,3 +197,23 @@ def test_bad_settings_are_reported():
     init(scales=(1.0, 1.5), scale_execution="vmap")
   with pytest.raises(ValueError, match="remat='all'"):
     init(scales=(1.0, 0.5), remat="all")
+
+
+def test_the_attention_head_reads_every_scales_scores_when_asked():
+  """head_input='scores' (the paper's fc8 ablation): the head is the NumPy head on the scales' scores, each resized
+  to the scale-1 grid and concatenated, and its first layer takes S x C channels."""
+  x = np.random.default_rng(3).normal(size=(1, 41, 33, 3)).astype(np.float32)
+  cfg = tiny_config(scales=(1.0, 0.5))
+  cfg.fusion.head_input = "scores"
+  model = build_model(cfg)
+  variables = ref.random_variables(model, x, train=False)
+  out = _apply(model)(variables, x, train=False)
+  head = variables["params"]["fusion"]
+  assert head["hidden"]["kernel"].shape == (3, 3, 2 * 5, 8)
+  maps = np.concatenate([ref.bilinear(np.asarray(s, np.float64), (6, 5)) for s in out.own_grid], axis=-1)
+  hidden = np.maximum(ref.conv(maps, np.asarray(head["hidden"]["kernel"], np.float64), head["hidden"]["bias"]), 0)
+  logits = ref.conv(hidden, np.asarray(head["logits"]["kernel"], np.float64), head["logits"]["bias"])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(out.weights, weights / weights.sum(-1, keepdims=True), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.fused, np.einsum("bhws,bhwsc->bhwc", out.weights, out.per_scale), rtol=1e-5,
+                             atol=1e-5)

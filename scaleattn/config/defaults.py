@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
           name="attention",
           hidden=512,
           dropout_rate=0.5,
+          head_input="features",  # what the head reads: 'features' (fc7, the paper's) | 'scores' (fc8)
       )),
       scale_execution="loop",  # 'loop' | 'vmap'
       input_scale=1.0,  # images (RGB 0..255 minus mean) are multiplied by this; 1.0 for Caffe-trained VGG-16
