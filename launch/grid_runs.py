@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import multiprocessing.pool
 import os
 import platform
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent import futures
 
 import ml_collections
 import numpy as np
@@ -59,21 +60,38 @@ def test_only(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def pinned_pool(workers: int) -> multiprocessing.pool.Pool:
-  """A pool of `workers` spawned processes, each pinned to its own core when more than one (use it in `with`)."""
+RESTARTS = 3  # a job whose pool broke under it (a worker's watchdog exited 75, a kill) starts again this often
+
+
+def pinned_pool(workers: int) -> futures.ProcessPoolExecutor:
+  """A pool of `workers` spawned processes, each pinned to its own core when more than one (use it in `with`).
+  Unlike multiprocessing.Pool, a worker that dies breaks the pool (BrokenProcessPool on its pending futures)
+  instead of leaving its job waiting forever."""
   cores = None
   if workers > 1:
     cores = multiprocessing.get_context("spawn").Queue()
     for core in sorted(os.sched_getaffinity(0))[:workers]:
       cores.put(core)
-  return multiprocessing.get_context("spawn").Pool(workers, initializer=_pin, initargs=(cores,))
+  return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pin,
+                                     initargs=(cores,))
 
 
 def run_pool(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
-  """Runs fn(*args) for every job on a `pinned_pool`, results in job order."""
-  with pinned_pool(workers) as pool:
-    pending = [pool.apply_async(fn, args) for fn, args in jobs]
-    return [p.get() for p in pending]
+  """Runs fn(*args) for every job on a `pinned_pool`, results in job order. When a worker dies, the jobs it broke
+  start again on a new pool (a run resumes from its last checkpoint), each at most RESTARTS times."""
+  results: dict[int, object] = {}
+  broken: Counter[int] = Counter()
+  while len(results) < len(jobs):
+    with pinned_pool(workers) as pool:
+      pending = {i: pool.submit(fn, *args) for i, (fn, args) in enumerate(jobs) if i not in results}
+      for i, future in pending.items():
+        try:
+          results[i] = future.result()
+        except futures.process.BrokenProcessPool:
+          broken[i] += 1
+          if broken[i] > RESTARTS:
+            raise RuntimeError(f"run_pool: job {i} ({jobs[i][0].__name__}) lost its worker {broken[i]} times") from None
+  return [results[i] for i in range(len(jobs))]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

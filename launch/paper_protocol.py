@@ -20,7 +20,9 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -162,35 +164,53 @@ def jobs(cell_list: Sequence[ablation.Cell], seeds: Sequence[int], workdir: str)
 
 def run_jobs(job_list: list[Job], workers: int, on_finished: Callable[[list[str]], None]) -> list[str]:
   """Runs the unfinished jobs on a pinned pool, each as soon as the one it comes after is finished, earliest in
-  the list first; calls `on_finished(failures so far)` after each. Returns the failures (a failed pretraining
-  skips its seed)."""
+  the list first; calls `on_finished(failures so far)` after each. A worker that dies (its watchdog's exit 75, a
+  kill) breaks the pool: the jobs running on it start again first on a new one, each at most grid_runs.RESTARTS
+  times (a run resumes from its checkpoint). Returns the failures (a failed pretraining skips its seed)."""
   pending = [j for j in job_list if not j.finished()]
-  running: dict[int, tuple[Job, object]] = {}
+  running: dict[int, tuple[Job, futures.Future]] = {}
   failures: list[str] = []
-  with grid_runs.pinned_pool(workers) as pool:
+  broken: Counter[int] = Counter()
+  pool = grid_runs.pinned_pool(workers)
+  try:
     while pending or running:
       for job in list(pending):
         if len(running) >= workers:
           break
         if job.after is None or job.after.finished():
           pending.remove(job)
-          running[id(job)] = (job, pool.apply_async(job.fn, job.args))
+          running[id(job)] = (job, pool.submit(job.fn, *job.args))
           print(f"started {job.name} seed {job.seed}", flush=True)
         elif not any(job.after is j for j in pending) and not any(job.after is j for j, _ in running.values()):
           pending.remove(job)  # what it starts from failed
           failures.append(f"{job.name} seed {job.seed}: not run ({job.after.name} seed {job.seed} failed)")
-      done = [k for k, (_, handle) in running.items() if handle.ready()]
+      futures.wait([future for _, future in running.values()], return_when=futures.FIRST_COMPLETED)
+      done = [k for k, (_, future) in running.items() if future.done()]
+      restart = any(isinstance(running[k][1].exception(), futures.process.BrokenProcessPool) for k in done)
+      if restart:
+        pool.shutdown(wait=True)  # every job on the broken pool has ended with it
+        done = list(running)
       for key in done:
-        job, handle = running.pop(key)
+        job, future = running.pop(key)
         try:
-          handle.get()
+          future.result()
           print(f"finished {job.name} seed {job.seed}", flush=True)
+        except futures.process.BrokenProcessPool:
+          broken[key] += 1
+          if broken[key] <= grid_runs.RESTARTS:
+            pending.insert(0, job)
+            print(f"restarting {job.name} seed {job.seed}: its worker died", flush=True)
+            continue
+          failures.append(f"{job.name} seed {job.seed}: its worker died {broken[key]} times")
+          print(f"FAILED {failures[-1]}", flush=True)
         except Exception as e:  # noqa: BLE001 - one failed run must not stop the grid
           failures.append(f"{job.name} seed {job.seed}: {type(e).__name__}: {e}")
           print(f"FAILED {failures[-1]}", flush=True)
         on_finished(failures)
-      if not done:
-        time.sleep(5)
+      if restart:
+        pool = grid_runs.pinned_pool(workers)
+  finally:
+    pool.shutdown(wait=False, cancel_futures=True)
   return failures
 
 
