@@ -1,8 +1,9 @@
 """Consecutive 2-process runs of the smoke config on this machine (4 CPU devices per process, gloo collectives, a
 checkpoint every 4 steps), counting the runs that stall: a process still running and both logs silent for --quiet_s
 seconds (or the run past --limit_s). A stalled run's processes get their CPU use over 10 s measured (a blocked
-process uses none, a spinning one a core) and their native and Python stacks dumped (`py-spy dump --native`, when
-py-spy is installed) next to their logs, then are killed. --load_processes starts that many CPU-bound NumPy loops
+process uses none, a spinning one a core), their Python stacks (py-spy) and every thread's native stack (gdb)
+dumped next to their logs, when those tools are installed, then are killed; the record keeps what the native
+stacks show (launch/native_stacks.py). --pjrt_nproc sets XLA's CPU client pool instead of scaleattn's reserve. --load_processes starts that many CPU-bound NumPy loops
 at the runs' own priority beside every run, as a test suite's other worker loads the machine.
 
   PYTHONPATH=. python launch/multiprocess_soak.py --runs=30 --workdir=workdirs/soak \
@@ -23,7 +24,7 @@ import time
 
 from absl import app, flags
 
-from launch import grid_runs
+from launch import grid_runs, native_stacks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("runs", 30, "Consecutive 2-process runs.")
@@ -32,6 +33,7 @@ flags.DEFINE_float("quiet_s", 90.0, "A run whose logs have not grown for this lo
 flags.DEFINE_float("limit_s", 600.0, "A run not finished after this long counts as stalled too.")
 flags.DEFINE_integer("steps", 12, "Training steps per run.")
 flags.DEFINE_integer("checkpoint_every", 4, "Checkpoint interval in steps.")
+flags.DEFINE_integer("pjrt_nproc", 0, "PJRT_NPROC for the runs (XLA's CPU client pool); 0: as scaleattn sets it.")
 flags.DEFINE_integer("load_processes", 0, "CPU-bound processes running beside every run, at its priority.")
 flags.DEFINE_string("out", "", "JSON record to write (rewritten after every run).")
 
@@ -55,8 +57,9 @@ def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
             f"--config.train.step_timeout_seconds={int(4 * FLAGS.quiet_s)}",
             f"--config.train.first_steps_timeout_seconds={int(8 * FLAGS.quiet_s)}",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=REPO)
+  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             PYTHONPATH=REPO, **({"PJRT_NPROC": str(FLAGS.pjrt_nproc)} if FLAGS.pjrt_nproc else {}))
   procs = []
   for i in range(2):
     with open(f"{workdir}.process_{i}.log", "w") as log:  # the child keeps its own descriptor
@@ -89,16 +92,21 @@ def _cpu_share(procs: list[subprocess.Popen], seconds: float = 10.0) -> list[flo
     return [None] * len(procs)
 
 
-def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> list[str]:
-  paths = []
+def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> tuple[list[str], list[dict]]:
+  """Each live process's Python stacks (py-spy) and native stacks (gdb) beside its log, and what the native show."""
+  paths, summaries = [], []
   for i, p in enumerate(procs):
-    if p.poll() is None and shutil.which("py-spy"):
-      path = f"{workdir}.stacks_{i}.txt"
-      with open(path, "w") as f:
-        subprocess.run(["py-spy", "dump", "--native", "--pid", str(p.pid)], stdout=f, stderr=subprocess.STDOUT,
-                       timeout=300, check=False)
-      paths.append(path)
-  return paths
+    if p.poll() is not None:
+      continue
+    if shutil.which("py-spy"):
+      with open(f"{workdir}.python_stacks_{i}.txt", "w") as f:
+        subprocess.run(["py-spy", "dump", "--pid", str(p.pid)], stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                       check=False)
+      paths.append(f"{workdir}.python_stacks_{i}.txt")
+    if native_stacks.dump(p.pid, f"{workdir}.native_stacks_{i}.txt"):
+      paths.append(f"{workdir}.native_stacks_{i}.txt")
+      summaries.append(native_stacks.summary(f"{workdir}.native_stacks_{i}.txt"))
+  return paths, summaries
 
 
 def one_run(data_dir: str, workdir: str) -> dict:
@@ -106,7 +114,7 @@ def one_run(data_dir: str, workdir: str) -> dict:
   start = time.time()
   load = _start_load()
   procs = _start(data_dir, workdir)
-  sizes, changed, stalled, stacks, cpu = None, time.time(), False, [], []
+  sizes, changed, stalled, stacks, native, cpu = None, time.time(), False, [], [], []
   while any(p.poll() is None for p in procs):
     time.sleep(2)
     now = [os.path.getsize(f"{workdir}.process_{i}.log") for i in range(2)]
@@ -114,7 +122,7 @@ def one_run(data_dir: str, workdir: str) -> dict:
       sizes, changed = now, time.time()
     if time.time() - changed > FLAGS.quiet_s or time.time() - start > FLAGS.limit_s:
       stalled, cpu = True, _cpu_share(procs)
-      stacks = _dump_stacks(procs, workdir)
+      stacks, native = _dump_stacks(procs, workdir)
       for p in procs:
         p.kill()
         p.wait()
@@ -124,7 +132,8 @@ def one_run(data_dir: str, workdir: str) -> dict:
     p.wait()
   codes = [p.returncode for p in procs]
   return {"seconds": time.time() - start, "exit_codes": codes, "stalled": stalled,
-          "ok": not stalled and codes == [0, 0], "stacks": stacks, "stalled_cpu_cores": cpu}
+          "ok": not stalled and codes == [0, 0], "stacks": [os.path.basename(p) for p in stacks],
+          "native_stacks": native, "stalled_cpu_cores": cpu}
 
 
 def main(argv):
@@ -138,7 +147,8 @@ def main(argv):
   input_pipeline.create_datasets(config)  # prepared once, before the processes read it
   record = {"command": " ".join(["PYTHONPATH=. python launch/multiprocess_soak.py", *sys.argv[1:]]),
             "commit": grid_runs.commit(), "machine": grid_runs.machine(),
-            "load_processes": FLAGS.load_processes, "runs": []}
+            "load_processes": FLAGS.load_processes, "pjrt_nproc": FLAGS.pjrt_nproc or "scaleattn's",
+            "runs": []}
   for k in range(FLAGS.runs):
     run = {"run": k, **one_run(data_dir, os.path.abspath(os.path.join(FLAGS.workdir, f"run{k}")))}
     print(json.dumps(run), flush=True)

@@ -2,10 +2,35 @@
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import ml_collections
 from absl import logging
+
+
+def forced_cpu_devices() -> int:
+  """CPU devices per process that XLA_FLAGS (--xla_force_host_platform_device_count) or jax_num_cpu_devices ask
+  for; 1 when neither does."""
+  found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  count = int(found[-1]) if found else 1
+  return jax.config.jax_num_cpu_devices if jax.config.jax_num_cpu_devices > 0 else count
+
+
+def reserve_cpu_client_threads() -> None:
+  """Gives XLA's CPU client threads to spare when a process has several CPU devices. Call before the backend starts.
+
+  The client runs each device's part of a program on one pool of max(cores, local CPU devices) threads, and a
+  collective completes only when every local device's part runs at once. A launch that finds its device's queue of
+  unfinished programs full blocks a pool thread until one finishes, so with 4 devices on 2 cores a loop that
+  dispatches far ahead deadlocks: pool threads wait in the launch (Semaphore::ScopedAcquire) and in the all-reduce
+  (gloo::allreduce) for parts that no thread is left to run, the Python thread waits in Execute, with no timeout.
+  Twice the local devices (PJRT_NPROC, which the client reads) leaves a thread for every blocked launch. A
+  PJRT_NPROC already set is kept; one device, or GPU/TPU devices, need nothing.
+  """
+  devices = forced_cpu_devices()
+  if devices > 1 and "PJRT_NPROC" not in os.environ:
+    os.environ["PJRT_NPROC"] = str(max(len(os.sched_getaffinity(0)), 2 * devices))
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -14,10 +39,12 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
   Explicit arguments serve GPU clusters and tests; on TPU VMs, under SLURM, or with JAX's own
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables JAX detects everything itself.
-  A single process on one machine needs nothing. `timeouts` (config.distributed; None: JAX's defaults) bound the
+  A single process on one machine needs nothing. Several CPU devices per process get their thread reserve first
+  (`reserve_cpu_client_threads`). `timeouts` (config.distributed; None: JAX's defaults) bound the
   start-up, the detection of a dead process (heartbeats: every other process is then stopped by JAX's
   coordination service) and the wait for the others at exit.
   """
+  reserve_cpu_client_threads()
   kwargs = {} if timeouts is None else {
       "initialization_timeout": timeouts.initialization_timeout_seconds,
       "heartbeat_timeout_seconds": timeouts.heartbeat_timeout_seconds,
