@@ -62,17 +62,17 @@ def change_config(change: str, seed: int, backbone: str) -> ml_collections.Confi
   return config
 
 
-def jobs(changes: Sequence[str], seeds: Sequence[int], workdir: str) -> list[pp.Job]:
+def jobs(changes: Sequence[str], seeds: Sequence[int], workdir: str) -> list[grid_runs.Job]:
   """Seed after seed, every change; each starts only if the reference run of its seed is finished."""
   out = []
   for seed in seeds:
     reference_dir = os.path.join(workdir, REFERENCE, f"seed_{seed}")
     backbone = os.path.join(workdir, pp.PRETRAIN, f"seed_{seed}", pp.BACKBONE_FILE)
-    reference = pp.Job(REFERENCE, seed, pp.finetune, (), (os.path.join(reference_dir, "result.json"),
+    reference = grid_runs.Job(REFERENCE, seed, pp.finetune, (), (os.path.join(reference_dir, "result.json"),
                                                           os.path.join(reference_dir, pp.WEIGHT_STATS_FILE)))
     for change in changes:
       run_dir = os.path.join(workdir, "sharpness", change, f"seed_{seed}")
-      out.append(pp.Job(change, seed, pp.finetune, (change_config(change, seed, backbone), run_dir),
+      out.append(grid_runs.Job(change, seed, pp.finetune, (change_config(change, seed, backbone), run_dir),
                         (os.path.join(run_dir, "result.json"), os.path.join(run_dir, pp.WEIGHT_STATS_FILE)),
                         reference))
   return out
@@ -124,7 +124,7 @@ def markdown(summary: Mapping[str, dict], info: Mapping) -> str:
            f"{pp.SHARP:g}; then the mean weight of scale 1 on the smallest objects and of scale 0.5 on the largest "
            "(the paper's pattern: both high).", "",
            "| run | change | seeds | test mIoU % | vs reference, paired [95% CI] | entropy | "
-           f"max > {pp.SHARP:g} % | w(scale_1), 0-16 px | w(scale_0.5), 64+ px |", "|---|---|---|---|---|---|---|---|---|"]
+           f"max > {pp.SHARP:g} % | w(scale_1), 0-16 px | w(scale_0.5), 64+ px |", "|" + "---|" * 9]
   for name, s in summary.items():
     v, by_size = s["vs_reference"], s["by_size"]
     lo, hi = v["interval"]
@@ -143,14 +143,15 @@ def markdown(summary: Mapping[str, dict], info: Mapping) -> str:
       key = b if b == "background" else f"size_{b}"
       row = [b] + [f"{100 * by_size[f'accuracy/{key}/{x}']:.1f}" for x in scales + ["fused"]]
       row += [f"{by_size[f'attention/{key}/{x}']:.2f}" for x in scales]
-      row += [f"{by_size[f'weights/{key}/entropy']:.2f}", f"{100 * by_size[f'weights/{key}/max_above_{pp.SHARP:g}']:.1f}"]
+      sharp = by_size[f"weights/{key}/max_above_{pp.SHARP:g}"]
+      row += [f"{by_size[f'weights/{key}/entropy']:.2f}", f"{100 * sharp:.1f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
   lines += ["Missing: " + (", ".join(info["missing"]) or "none"), ""]
   return "\n".join(lines)
 
 
-def write_results(job_list: Sequence[pp.Job], changes: Sequence[str], seeds: Sequence[int], workdir: str,
+def write_results(job_list: Sequence[grid_runs.Job], changes: Sequence[str], seeds: Sequence[int], workdir: str,
                   results_dir: str, failures: Sequence[str]) -> None:
   summary = summarize(changes, pp.collect(job_list), _reference_runs(seeds, workdir))
   info = {"machine": grid_runs.machine(), "commit": grid_runs.commit(), "reference": REFERENCE,
@@ -177,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error(f"--changes: {unknown} unknown; expected some of {tuple(CHANGES)}")
   seeds = range(args.seeds)
   job_list = jobs(changes, seeds, args.workdir)
-  write = lambda failures: write_results(job_list, changes, seeds, args.workdir, args.results, failures)
+  def write(failures: list[str]) -> None:
+    write_results(job_list, changes, seeds, args.workdir, args.results, failures)
+
   start = time.perf_counter()
-  write(pp.run_jobs(job_list, args.workers, write))
+  write(grid_runs.run_jobs(job_list, args.workers, write)[1])
   print(f"{(time.perf_counter() - start) / 60:.0f} min", flush=True)
 
 

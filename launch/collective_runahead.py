@@ -1,8 +1,9 @@
 """The 2-process CPU stall, reproduced without a model: 2 processes x 4 CPU devices (gloo) dispatch a program with an
 all-reduce and a second one reducing its output, --iterations times without waiting, as a training loop runs ahead
 of a loaded machine. Each setting of XLA's CPU client pool is tried --runs times, alternating; a run whose processes
-are still alive after --timeout_s stalled (both are then killed, after their native stacks are dumped with gdb when
-it is installed; the record counts the threads waiting where the deadlock waits).
+are both still alive after --timeout_s stalled (both are then killed, after their native stacks are dumped with gdb
+when it is installed; the record counts the threads waiting where the deadlock waits); one that exits with an
+error crashed.
 
   PYTHONPATH=. python launch/collective_runahead.py --runs=5 --out=launch/results/collective_runahead.json
 
@@ -13,27 +14,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from absl import app, flags
 
-from launch import native_stacks
+from launch import grid_runs, process_pairs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("runs", 5, "Runs per setting.")
 flags.DEFINE_integer("iterations", 400, "Pairs of programs each process dispatches before it waits.")
 flags.DEFINE_float("timeout_s", 90.0, "A run not finished by then stalled.")
-flags.DEFINE_string("stacks_dir", "workdirs/collective_runahead", "Where a stalled run's gdb stacks go ('': not "
-                    "dumped); the record keeps what they show.")
+flags.DEFINE_string("workdir", "workdirs/collective_runahead", "Where the processes' logs and a stalled run's native "
+                    "stacks go; the record keeps what the stacks show.")
 flags.DEFINE_string("out", "", "JSON record to write.")
 flags.DEFINE_integer("process_id", -1, "Internal: run as process PROCESS_ID of the pair.")
 flags.DEFINE_string("coordinator", "", "Internal: the pair's coordinator address.")
 
 DEVICES = 4
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child() -> None:
@@ -58,35 +57,36 @@ def child() -> None:
   print(f"done in {time.perf_counter() - start:.1f} s with PJRT_NPROC={os.environ.get('PJRT_NPROC')}", flush=True)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def one_run(pool: int | None, timeout_s: float, iterations: int, stacks: str = "") -> dict:
-  """A pair of processes with PJRT_NPROC=`pool` (None: as the project sets it); whether it finished in time."""
-  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", **({} if pool is None else {"PJRT_NPROC": str(pool)}))
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--process_id={i}",
-                             f"--coordinator={address}", f"--iterations={iterations}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def one_run(pool: int | None, timeout_s: float, iterations: int, logs: str) -> dict:
+  """A pair of processes with PJRT_NPROC=`pool` (None: as scaleattn sets it), their output in `logs`.process_I.log:
+  'stalled' when both are still alive after `timeout_s` (their native stacks are then dumped beside the logs),
+  'crashed' when one exited with an error."""
+  env = dict(process_pairs.cpu_env(DEVICES, pool), TF_CPP_MIN_LOG_LEVEL="3")
+  address = f"127.0.0.1:{process_pairs.free_port()}"
+  procs = []
+  for i in range(2):
+    with open(f"{logs}.process_{i}.log", "w") as log:  # the child keeps its own descriptor
+      procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--process_id={i}",
+                                     f"--coordinator={address}", f"--iterations={iterations}"], cwd=process_pairs.REPO,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT))
   start = time.time()
   while any(p.poll() is None for p in procs) and time.time() - start < timeout_s:
     time.sleep(1)
-  seconds, stalled = time.time() - start, any(p.poll() is None for p in procs)
-  summaries = []
-  if stalled:
-    for i, p in enumerate(procs):
-      if stacks and p.poll() is None and native_stacks.dump(p.pid, f"{stacks}.process_{i}.txt"):
-        summaries.append(native_stacks.summary(f"{stacks}.process_{i}.txt"))
+  seconds, stalled = time.time() - start, all(p.poll() is None for p in procs)
+  stacks = []
+  for i, p in enumerate(procs):
+    if stalled and process_pairs.dump_native_stacks(p.pid, f"{logs}.stacks_{i}.txt"):
+      with open(f"{logs}.stacks_{i}.txt") as f:
+        stacks.append(process_pairs.native_stack_summary(f.read()))
+    if p.poll() is None:
       p.kill()
-  outputs = [p.communicate()[0] for p in procs]
-  done = [line for out in outputs for line in out.splitlines() if line.startswith("done in")]
-  return {"seconds": round(seconds, 1), "stalled": stalled, "exit_codes": [p.returncode for p in procs],
-          "finished": done, "stacks": summaries, "output_tail": [] if len(done) == 2 else [out[-2000:] for out in outputs]}
+    p.wait()
+  done = []
+  for i in range(2):
+    with open(f"{logs}.process_{i}.log") as f:
+      done += [line.strip() for line in f if line.startswith("done in")]
+  return {"seconds": round(seconds, 1), "stalled": stalled, "crashed": not stalled and len(done) < 2,
+          "exit_codes": [p.returncode for p in procs], "finished": done, "stacks": stacks}
 
 
 def main(argv) -> None:
@@ -98,21 +98,20 @@ def main(argv) -> None:
   settings = {"project": None, "xla_default": max(cores, DEVICES)}
   record = {"command": " ".join(["PYTHONPATH=. python launch/collective_runahead.py", *sys.argv[1:]]),
             "cores": cores, "devices_per_process": DEVICES, "iterations": FLAGS.iterations,
-            "timeout_s": FLAGS.timeout_s, "settings": {k: v or f"max(cores, 2 x devices) = {max(cores, 2 * DEVICES)}"
-                                                       for k, v in settings.items()}, "runs": []}
-  from launch import grid_runs  # noqa: PLC0415
-  record.update(commit=grid_runs.commit(), machine=grid_runs.machine())
-  if FLAGS.stacks_dir:
-    os.makedirs(FLAGS.stacks_dir, exist_ok=True)
+            "timeout_s": FLAGS.timeout_s, "commit": grid_runs.commit(), "machine": grid_runs.machine(),
+            "settings": {"project": f"scaleattn's reserve, PJRT_NPROC = max(cores, 2 x devices) = "
+                                    f"{max(cores, 2 * DEVICES)}",
+                         "xla_default": f"XLA's own pool, PJRT_NPROC = max(cores, devices) = {max(cores, DEVICES)}"},
+            "runs": []}
+  os.makedirs(FLAGS.workdir, exist_ok=True)
   for k in range(FLAGS.runs):
     for name, pool in settings.items():
-      stacks = os.path.join(FLAGS.stacks_dir, f"{name}_{k}") if FLAGS.stacks_dir else ""
-      run = {"setting": name, "run": k, **one_run(pool, FLAGS.timeout_s, FLAGS.iterations, stacks)}
-      print(json.dumps({key: v for key, v in run.items() if key != "output_tail"}), flush=True)
+      run = {"setting": name, "run": k,
+             **one_run(pool, FLAGS.timeout_s, FLAGS.iterations, os.path.join(FLAGS.workdir, f"{name}_{k}"))}
+      print(json.dumps(run), flush=True)
       record["runs"].append(run)
-  record["summary"] = {name: {"runs": sum(r["setting"] == name for r in record["runs"]),
-                              "stalled": sum(r["setting"] == name and r["stalled"] for r in record["runs"])}
-                       for name in settings}
+  record["summary"] = {name: {key: sum(r[key] for r in record["runs"] if r["setting"] == name)
+                              for key in ("stalled", "crashed")} | {"runs": FLAGS.runs} for name in settings}
   print(json.dumps(record["summary"]), flush=True)
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

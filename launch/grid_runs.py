@@ -2,6 +2,7 @@
 core-pinned worker processes, summary statistics over seeds, and where the numbers were measured."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 
 import ml_collections
 import numpy as np
@@ -64,9 +66,9 @@ RESTARTS = 3  # a job whose pool broke under it (a worker's watchdog exited 75, 
 
 
 def pinned_pool(workers: int) -> futures.ProcessPoolExecutor:
-  """A pool of `workers` spawned processes, each pinned to its own core when more than one (use it in `with`).
-  Unlike multiprocessing.Pool, a worker that dies breaks the pool (BrokenProcessPool on its pending futures)
-  instead of leaving its job waiting forever."""
+  """A pool of `workers` spawned processes, each pinned to its own core when more than one. Unlike
+  multiprocessing.Pool, a worker that dies breaks the pool (BrokenProcessPool on its futures) instead of leaving
+  its job waiting forever."""
   cores = None
   if workers > 1:
     cores = multiprocessing.get_context("spawn").Queue()
@@ -76,22 +78,100 @@ def pinned_pool(workers: int) -> futures.ProcessPoolExecutor:
                                      initargs=(cores,))
 
 
-def run_pool(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
-  """Runs fn(*args) for every job on a `pinned_pool`, results in job order. When a worker dies, the jobs it broke
-  start again on a new pool (a run resumes from its last checkpoint), each at most RESTARTS times."""
+def _abandon(pool: futures.ProcessPoolExecutor) -> None:
+  """Ends a pool now, its running jobs with it (they resume from their checkpoints when run again)."""
+  for process in list(getattr(pool, "_processes", {}).values()):  # no public way to stop a running job
+    process.terminate()
+  pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+  """One run: `fn(*args)` in a pool worker. With `outputs`, it is finished when every one of those files exists
+  (and is then never run again); it starts only once `after` (if any) is finished."""
+  name: str
+  seed: int | None
+  fn: Callable
+  args: tuple
+  outputs: tuple[str, ...] = ()
+  after: Job | None = None
+
+  def finished(self) -> bool:
+    return bool(self.outputs) and all(os.path.exists(p) for p in self.outputs)
+
+  def __str__(self) -> str:
+    return self.name if self.seed is None else f"{self.name} seed {self.seed}"
+
+
+def run_jobs(job_list: Sequence[Job], workers: int, on_finished: Callable[[list[str]], None] = lambda _: None
+             ) -> tuple[list, list[str]]:
+  """Runs the unfinished jobs, at most `workers` at a time on a `pinned_pool`, each as soon as the one it comes
+  after is finished, earliest in the list first; calls `on_finished(failures so far)` after each. A worker that
+  dies breaks the pool: the jobs that were running on it start again first, on a new pool, each at most RESTARTS
+  times. A job that raises, or whose `after` failed, is a failure; the others go on. Returns every job's result
+  (None where it did not run or failed) and the failures."""
+  pending = [j for j in job_list if not j.finished()]
   results: dict[int, object] = {}
+  running: dict[int, tuple[Job, futures.Future]] = {}
+  failures: list[str] = []
   broken: Counter[int] = Counter()
-  while len(results) < len(jobs):
-    with pinned_pool(workers) as pool:
-      pending = {i: pool.submit(fn, *args) for i, (fn, args) in enumerate(jobs) if i not in results}
-      for i, future in pending.items():
+  pool = pinned_pool(workers)
+  try:
+    while pending or running:
+      for job in list(pending):
+        if len(running) >= workers:
+          break
+        if job.after is None or job.after.finished():
+          try:
+            future = pool.submit(job.fn, *job.args)
+          except BrokenProcessPool:
+            break  # a worker died since the last wait: that wait's successor returns at once and restarts
+          pending.remove(job)
+          running[id(job)] = (job, future)
+          print(f"started {job}", flush=True)
+        elif not any(job.after is j for j in pending) and not any(job.after is j for j, _ in running.values()):
+          pending.remove(job)
+          failures.append(f"{job}: not run ({job.after} is not finished and not among these jobs, or failed)")
+      futures.wait([future for _, future in running.values()], return_when=futures.FIRST_COMPLETED)
+      done = [k for k, (_, future) in running.items() if future.done()]
+      restart = any(isinstance(running[k][1].exception(), BrokenProcessPool) for k in done)
+      if restart:
+        pool.shutdown(wait=True)  # every job running on the broken pool has ended with it
+        done = list(running)
+      for key in done:
+        job, future = running.pop(key)
         try:
-          results[i] = future.result()
-        except futures.process.BrokenProcessPool:
-          broken[i] += 1
-          if broken[i] > RESTARTS:
-            raise RuntimeError(f"run_pool: job {i} ({jobs[i][0].__name__}) lost its worker {broken[i]} times") from None
-  return [results[i] for i in range(len(jobs))]
+          results[key] = future.result()
+          print(f"finished {job}", flush=True)
+        except BrokenProcessPool:
+          broken[key] += 1
+          if broken[key] <= RESTARTS:
+            pending.insert(0, job)
+            print(f"restarting {job}: its pool broke (a worker died)", flush=True)
+            continue
+          failures.append(f"{job}: its pool broke under it {broken[key]} times")
+          print(f"FAILED {failures[-1]}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the others
+          failures.append(f"{job}: {type(e).__name__}: {e}")
+          print(f"FAILED {failures[-1]}", flush=True)
+        on_finished(failures)
+      if restart:
+        pool = pinned_pool(workers)
+  except BaseException:
+    _abandon(pool)
+    raise
+  pool.shutdown(wait=True)
+  return [results.get(id(j)) for j in job_list], failures
+
+
+def run_pool(jobs: Sequence[tuple[Callable, tuple]], workers: int) -> list:
+  """fn(*args) for every job (`run_jobs`, without files or order between them), results in job order; raises
+  RuntimeError listing the jobs that failed once every other one has run."""
+  results, failures = run_jobs([Job(f"job {i} ({fn.__name__})", None, fn, args) for i, (fn, args) in
+                                enumerate(jobs)], workers)
+  if failures:
+    raise RuntimeError("run_pool: " + "; ".join(failures))
+  return results
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -3,8 +3,9 @@ checkpoint every 4 steps), counting the runs that stall: a process still running
 seconds (or the run past --limit_s). A stalled run's processes get their CPU use over 10 s measured (a blocked
 process uses none, a spinning one a core), their Python stacks (py-spy) and every thread's native stack (gdb)
 dumped next to their logs, when those tools are installed, then are killed; the record keeps what the native
-stacks show (launch/native_stacks.py). --pjrt_nproc sets XLA's CPU client pool instead of scaleattn's reserve. --load_processes starts that many CPU-bound NumPy loops
-at the runs' own priority beside every run, as a test suite's other worker loads the machine.
+stacks show (launch/process_pairs.py). --pjrt_nproc sets XLA's CPU client pool instead of scaleattn's reserve;
+--load_processes starts that many CPU-bound NumPy loops (a core each) at the runs' own priority beside every run,
+as a test suite's other worker loads the machine.
 
   PYTHONPATH=. python launch/multiprocess_soak.py --runs=30 --workdir=workdirs/soak \
       --out=launch/results/multiprocess_soak.json
@@ -17,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 from absl import app, flags
 
-from launch import grid_runs, native_stacks
+from launch import grid_runs, process_pairs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("runs", 30, "Consecutive 2-process runs.")
@@ -37,18 +37,9 @@ flags.DEFINE_integer("pjrt_nproc", 0, "PJRT_NPROC for the runs (XLA's CPU client
 flags.DEFINE_integer("load_processes", 0, "CPU-bound processes running beside every run, at its priority.")
 flags.DEFINE_string("out", "", "JSON record to write (rewritten after every run).")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
-  port, steps = _free_port(), FLAGS.steps
-  flags_ = [f"--config={os.path.join(REPO, 'configs', 'shapes.py')}:smoke", f"--workdir={workdir}",
+  port, steps = process_pairs.free_port(), FLAGS.steps
+  flags_ = [f"--config={os.path.join(process_pairs.REPO, 'configs', 'shapes.py')}:smoke", f"--workdir={workdir}",
             f"--config.dataset.data_dir={data_dir}", f"--config.train.num_steps={steps}",
             f"--config.train.eval_every_steps={steps}",
             f"--config.train.checkpoint_every_steps={FLAGS.checkpoint_every}",
@@ -57,28 +48,26 @@ def _start(data_dir: str, workdir: str) -> list[subprocess.Popen]:
             f"--config.train.step_timeout_seconds={int(4 * FLAGS.quiet_s)}",
             f"--config.train.first_steps_timeout_seconds={int(8 * FLAGS.quiet_s)}",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             PYTHONPATH=REPO, **({"PJRT_NPROC": str(FLAGS.pjrt_nproc)} if FLAGS.pjrt_nproc else {}))
+  env = process_pairs.cpu_env(4, FLAGS.pjrt_nproc or None)
   procs = []
   for i in range(2):
     with open(f"{workdir}.process_{i}.log", "w") as log:  # the child keeps its own descriptor
-      procs.append(subprocess.Popen([sys.executable, "-m", "scaleattn.main", *flags_, f"--process_id={i}"], cwd=REPO,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen([sys.executable, "-m", "scaleattn.main", *flags_, f"--process_id={i}"],
+                                    cwd=process_pairs.REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
 
 
 def _start_load() -> list[subprocess.Popen]:
+  """--load_processes NumPy loops, one core each (single-threaded BLAS)."""
   loop = "import numpy as np\na = np.ones((512, 512), np.float32)\nwhile True:\n  a = np.tanh(a @ a * 1e-3)"
-  return [subprocess.Popen([sys.executable, "-c", loop], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-          for _ in range(FLAGS.load_processes)]
+  env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+  return [subprocess.Popen([sys.executable, "-c", loop], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) for _ in range(FLAGS.load_processes)]
 
 
 def _cpu_seconds(pid: int) -> float:
-  """User + system CPU time of process `pid`, all its threads."""
   with open(f"/proc/{pid}/stat") as f:
-    fields = f.read().rsplit(")", 1)[1].split()
-  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_pairs.cpu_seconds(f.read())
 
 
 def _cpu_share(procs: list[subprocess.Popen], seconds: float = 10.0) -> list[float | None]:
@@ -103,9 +92,10 @@ def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> tuple[list[str]
         subprocess.run(["py-spy", "dump", "--pid", str(p.pid)], stdout=f, stderr=subprocess.STDOUT, timeout=300,
                        check=False)
       paths.append(f"{workdir}.python_stacks_{i}.txt")
-    if native_stacks.dump(p.pid, f"{workdir}.native_stacks_{i}.txt"):
+    if process_pairs.dump_native_stacks(p.pid, f"{workdir}.native_stacks_{i}.txt"):
       paths.append(f"{workdir}.native_stacks_{i}.txt")
-      summaries.append(native_stacks.summary(f"{workdir}.native_stacks_{i}.txt"))
+      with open(paths[-1]) as f:
+        summaries.append(process_pairs.native_stack_summary(f.read()))
   return paths, summaries
 
 
@@ -113,23 +103,25 @@ def one_run(data_dir: str, workdir: str) -> dict:
   shutil.rmtree(workdir, ignore_errors=True)
   start = time.time()
   load = _start_load()
-  procs = _start(data_dir, workdir)
-  sizes, changed, stalled, stacks, native, cpu = None, time.time(), False, [], [], []
-  while any(p.poll() is None for p in procs):
-    time.sleep(2)
-    now = [os.path.getsize(f"{workdir}.process_{i}.log") for i in range(2)]
-    if now != sizes:
-      sizes, changed = now, time.time()
-    if time.time() - changed > FLAGS.quiet_s or time.time() - start > FLAGS.limit_s:
-      stalled, cpu = True, _cpu_share(procs)
-      stacks, native = _dump_stacks(procs, workdir)
-      for p in procs:
-        p.kill()
-        p.wait()
-      break
-  for p in load:
-    p.kill()
-    p.wait()
+  try:
+    procs = _start(data_dir, workdir)
+    sizes, changed, stalled, stacks, native, cpu = None, time.time(), False, [], [], []
+    while any(p.poll() is None for p in procs):
+      time.sleep(2)
+      now = [os.path.getsize(f"{workdir}.process_{i}.log") for i in range(2)]
+      if now != sizes:
+        sizes, changed = now, time.time()
+      if time.time() - changed > FLAGS.quiet_s or time.time() - start > FLAGS.limit_s:
+        stalled, cpu = True, _cpu_share(procs)
+        stacks, native = _dump_stacks(procs, workdir)
+        for p in procs:
+          p.kill()
+          p.wait()
+        break
+  finally:
+    for p in load:
+      p.kill()
+      p.wait()
   codes = [p.returncode for p in procs]
   return {"seconds": time.time() - start, "exit_codes": codes, "stalled": stalled,
           "ok": not stalled and codes == [0, 0], "stacks": [os.path.basename(p) for p in stacks],

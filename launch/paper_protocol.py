@@ -16,13 +16,10 @@ listing those still missing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent import futures
+from collections.abc import Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -131,26 +128,12 @@ def _has_weight_stats(config: ml_collections.ConfigDict) -> bool:
   return config.model.fusion.name == "attention" and len(config.model.scales) > 1
 
 
-@dataclasses.dataclass
-class Job:
-  """One run: `fn(*args)` in a pool worker; finished when every file of `outputs` exists; starts after `after`."""
-  name: str
-  seed: int
-  fn: Callable
-  args: tuple
-  outputs: tuple[str, ...]
-  after: Job | None = None
-
-  def finished(self) -> bool:
-    return all(os.path.exists(p) for p in self.outputs)
-
-
-def jobs(cell_list: Sequence[ablation.Cell], seeds: Sequence[int], workdir: str) -> list[Job]:
+def jobs(cell_list: Sequence[ablation.Cell], seeds: Sequence[int], workdir: str) -> list[grid_runs.Job]:
   """Every run in the order they start: per seed its pretraining and its claims cells, then the max cells."""
   first, last = [], []
   for seed in seeds:
     pre_dir = os.path.join(workdir, PRETRAIN, f"seed_{seed}")
-    pre = Job(PRETRAIN, seed, pretrain, (pretrain_config(seed), pre_dir),
+    pre = grid_runs.Job(PRETRAIN, seed, pretrain, (pretrain_config(seed), pre_dir),
               (os.path.join(pre_dir, "result.json"), os.path.join(pre_dir, BACKBONE_FILE)))
     first.append(pre)
     for cell in cell_list:
@@ -158,60 +141,9 @@ def jobs(cell_list: Sequence[ablation.Cell], seeds: Sequence[int], workdir: str)
       config = finetune_config(cell, seed, os.path.join(pre_dir, BACKBONE_FILE))
       outputs = (os.path.join(run_dir, "result.json"),) + (
           (os.path.join(run_dir, WEIGHT_STATS_FILE),) if _has_weight_stats(config) else ())
-      (first if cell.fusion != "max" else last).append(Job(cell.name, seed, finetune, (config, run_dir), outputs, pre))
+      job = grid_runs.Job(cell.name, seed, finetune, (config, run_dir), outputs, pre)
+      (first if cell.fusion != "max" else last).append(job)
   return first + last
-
-
-def run_jobs(job_list: list[Job], workers: int, on_finished: Callable[[list[str]], None]) -> list[str]:
-  """Runs the unfinished jobs on a pinned pool, each as soon as the one it comes after is finished, earliest in
-  the list first; calls `on_finished(failures so far)` after each. A worker that dies (its watchdog's exit 75, a
-  kill) breaks the pool: the jobs running on it start again first on a new one, each at most grid_runs.RESTARTS
-  times (a run resumes from its checkpoint). Returns the failures (a failed pretraining skips its seed)."""
-  pending = [j for j in job_list if not j.finished()]
-  running: dict[int, tuple[Job, futures.Future]] = {}
-  failures: list[str] = []
-  broken: Counter[int] = Counter()
-  pool = grid_runs.pinned_pool(workers)
-  try:
-    while pending or running:
-      for job in list(pending):
-        if len(running) >= workers:
-          break
-        if job.after is None or job.after.finished():
-          pending.remove(job)
-          running[id(job)] = (job, pool.submit(job.fn, *job.args))
-          print(f"started {job.name} seed {job.seed}", flush=True)
-        elif not any(job.after is j for j in pending) and not any(job.after is j for j, _ in running.values()):
-          pending.remove(job)  # what it starts from failed
-          failures.append(f"{job.name} seed {job.seed}: not run ({job.after.name} seed {job.seed} failed)")
-      futures.wait([future for _, future in running.values()], return_when=futures.FIRST_COMPLETED)
-      done = [k for k, (_, future) in running.items() if future.done()]
-      restart = any(isinstance(running[k][1].exception(), futures.process.BrokenProcessPool) for k in done)
-      if restart:
-        pool.shutdown(wait=True)  # every job on the broken pool has ended with it
-        done = list(running)
-      for key in done:
-        job, future = running.pop(key)
-        try:
-          future.result()
-          print(f"finished {job.name} seed {job.seed}", flush=True)
-        except futures.process.BrokenProcessPool:
-          broken[key] += 1
-          if broken[key] <= grid_runs.RESTARTS:
-            pending.insert(0, job)
-            print(f"restarting {job.name} seed {job.seed}: its worker died", flush=True)
-            continue
-          failures.append(f"{job.name} seed {job.seed}: its worker died {broken[key]} times")
-          print(f"FAILED {failures[-1]}", flush=True)
-        except Exception as e:  # noqa: BLE001 - one failed run must not stop the grid
-          failures.append(f"{job.name} seed {job.seed}: {type(e).__name__}: {e}")
-          print(f"FAILED {failures[-1]}", flush=True)
-        on_finished(failures)
-      if restart:
-        pool = grid_runs.pinned_pool(workers)
-  finally:
-    pool.shutdown(wait=False, cancel_futures=True)
-  return failures
 
 
 def paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float = CONFIDENCE) -> dict:
@@ -258,7 +190,7 @@ def _read(path: str) -> dict | None:
     return json.load(f)
 
 
-def collect(job_list: Sequence[Job]) -> dict[str, dict[int, dict]]:
+def collect(job_list: Sequence[grid_runs.Job]) -> dict[str, dict[int, dict]]:
   """Per run name and seed, its finished result (with its weight statistics)."""
   runs: dict[str, dict[int, dict]] = {}
   for job in job_list:
@@ -373,8 +305,8 @@ def markdown(cell_list: Sequence[ablation.Cell], summary: dict, scratch: dict, c
   return "\n".join(lines)
 
 
-def write_results(job_list: Sequence[Job], cell_list: Sequence[ablation.Cell], results_dir: str, start: float,
-                  workers: int, failures: Sequence[str]) -> None:
+def write_results(job_list: Sequence[grid_runs.Job], cell_list: Sequence[ablation.Cell], results_dir: str,
+                  start: float, workers: int, failures: Sequence[str]) -> None:
   """paper_protocol.{json,md} from the finished runs, beside the from-scratch grid's claims."""
   runs = collect(job_list)
   summary = summarize(cell_list, runs)
@@ -430,9 +362,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   from scaleattn.data import input_pipeline  # noqa: PLC0415
   for config in (shapes_pretrain.get_config(), shapes_paper.get_config()):
     input_pipeline.prepare(config.dataset)  # once, before the workers start
-  write = lambda failures: write_results(job_list, cell_list, args.results, start, args.workers, failures)
+  def write(failures: list[str]) -> None:
+    write_results(job_list, cell_list, args.results, start, args.workers, failures)
+
   write([])
-  write(run_jobs(job_list, args.workers, write))
+  write(grid_runs.run_jobs(job_list, args.workers, write)[1])
 
 
 if __name__ == "__main__":

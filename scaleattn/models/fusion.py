@@ -99,8 +99,8 @@ def register(method: str) -> Callable[[type[_F]], type[_F]]:
 
 def ScaleFusion(method: str, num_scales: int | None = None, **settings: Any) -> Fusion:
   """The fusion registered as `method`, e.g. ScaleFusion("attention", num_scales=2, hidden=512, dropout_rate=0.5)
-  (the paper's head); `settings` are the class's other fields (hidden and dropout_rate, required; dtype) and
-  linen's `name`."""
+  (the paper's head); `settings` are the class's other fields (hidden and dropout_rate, required; dtype;
+  head_input, which the caller reads) and linen's `name`."""
   if method not in FUSIONS:
     raise ValueError(f"ScaleFusion: method={method!r}: expected one of {tuple(FUSIONS)}")
   missing = [f for f in REQUIRED if f not in settings]

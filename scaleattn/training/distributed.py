@@ -25,12 +25,15 @@ def reserve_cpu_client_threads() -> None:
   unfinished programs full blocks a pool thread until one finishes, so with 4 devices on 2 cores a loop that
   dispatches far ahead deadlocks: pool threads wait in the launch (Semaphore::ScopedAcquire) and in the all-reduce
   (gloo::allreduce) for parts that no thread is left to run, the Python thread waits in Execute, with no timeout.
-  Twice the local devices (PJRT_NPROC, which the client reads) leaves a thread for every blocked launch. A
-  PJRT_NPROC already set is kept; one device, or GPU/TPU devices, need nothing.
+  Twice the local devices leaves a thread for every launch the one dispatching thread can have blocked. The client
+  reads the size from PJRT_NPROC (else NPROC, else the cores this process may use), and sizes its intra-op pool
+  with it too. A PJRT_NPROC already set is kept; a larger NPROC is kept; one device, or GPU/TPU devices, need
+  nothing.
   """
   devices = forced_cpu_devices()
   if devices > 1 and "PJRT_NPROC" not in os.environ:
-    os.environ["PJRT_NPROC"] = str(max(len(os.sched_getaffinity(0)), 2 * devices))
+    available = int(os.environ.get("NPROC") or 0) or len(os.sched_getaffinity(0))
+    os.environ["PJRT_NPROC"] = str(max(available, 2 * devices))
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,

@@ -1,0 +1,58 @@
+"""What the 2-process CPU launchers share (multiprocess_soak.py, collective_runahead.py): a free port for the
+coordinator, the processes' environment, their CPU time, and every thread's native stack of a process that stalled, with what such
+a dump shows of XLA's CPU client (launch threads blocked on a device's full queue of unfinished programs, threads
+in gloo's all-reduce, the Python thread waiting in Execute: the deadlock in docs/reliability.md)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def cpu_env(devices: int, pjrt_nproc: int | None = None) -> dict[str, str]:
+  """This environment for a process of `devices` CPU devices with gloo collectives, running this checkout;
+  PJRT_NPROC (XLA's CPU client pool) is `pjrt_nproc`, or left to scaleattn (`distributed.initialize`)."""
+  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             PYTHONPATH=REPO)
+  if pjrt_nproc is not None:
+    env["PJRT_NPROC"] = str(pjrt_nproc)
+  return env
+
+
+def cpu_seconds(stat: str) -> float:
+  """User + system CPU time, all threads, from a /proc/PID/stat line (the name in parentheses may hold spaces)."""
+  fields = stat.rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dump_native_stacks(pid: int, path: str) -> bool:
+  """Writes `thread apply all bt` of process `pid` to `path`; False when gdb is not installed or gave up."""
+  if not shutil.which("gdb"):
+    return False
+  with open(path, "w") as f:
+    try:
+      subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 16"], stdout=f,
+                     stderr=subprocess.STDOUT, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+      return False
+  return True
+
+
+def native_stack_summary(text: str) -> dict:
+  """Counts in a gdb dump: threads, threads blocked launching on a full device queue, threads in gloo's
+  all-reduce, and whether the Python (first) thread waits in Execute."""
+  main_thread = text[text.find("Thread 1 "):]
+  return {"threads": text.count("\nThread ") + text.startswith("Thread "),
+          "launch_blocked_on_full_queue": text.count("Semaphore::ScopedAcquire"),
+          "in_gloo_allreduce": text.count(" in gloo::allreduce"),
+          "python_thread_in_execute": "LoadedExecutable::Execute" in main_thread}
