@@ -74,10 +74,11 @@ def one_run(pool: int | None, timeout_s: float, iterations: int, logs: str) -> d
     time.sleep(1)
   seconds, stalled = time.time() - start, all(p.poll() is None for p in procs)
   stacks = []
-  for i, p in enumerate(procs):
-    if stalled and process_pairs.dump_native_stacks(p.pid, f"{logs}.stacks_{i}.txt"):
-      with open(f"{logs}.stacks_{i}.txt") as f:
-        stacks.append(process_pairs.native_stack_summary(f.read()))
+  for path in process_pairs.dump_native_stacks({p.pid: f"{logs}.stacks_{i}.txt" for i, p in enumerate(procs)}
+                                               if stalled else {}):
+    with open(path) as f:
+      stacks.append(process_pairs.native_stack_summary(f.read()))
+  for p in procs:
     if p.poll() is None:
       p.kill()
     p.wait()

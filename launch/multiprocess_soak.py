@@ -83,20 +83,19 @@ def _cpu_share(procs: list[subprocess.Popen], seconds: float = 10.0) -> list[flo
 
 def _dump_stacks(procs: list[subprocess.Popen], workdir: str) -> tuple[list[str], list[dict]]:
   """Each live process's Python stacks (py-spy) and native stacks (gdb) beside its log, and what the native show."""
-  paths, summaries = [], []
-  for i, p in enumerate(procs):
-    if p.poll() is not None:
-      continue
-    if shutil.which("py-spy"):
+  paths, live = [], [(i, p) for i, p in enumerate(procs) if p.poll() is None]
+  if shutil.which("py-spy"):
+    for i, p in live:
       with open(f"{workdir}.python_stacks_{i}.txt", "w") as f:
         subprocess.run(["py-spy", "dump", "--pid", str(p.pid)], stdout=f, stderr=subprocess.STDOUT, timeout=300,
                        check=False)
       paths.append(f"{workdir}.python_stacks_{i}.txt")
-    if process_pairs.dump_native_stacks(p.pid, f"{workdir}.native_stacks_{i}.txt"):
-      paths.append(f"{workdir}.native_stacks_{i}.txt")
-      with open(paths[-1]) as f:
-        summaries.append(process_pairs.native_stack_summary(f.read()))
-  return paths, summaries
+  native = process_pairs.dump_native_stacks({p.pid: f"{workdir}.native_stacks_{i}.txt" for i, p in live})
+  summaries = []
+  for path in native:
+    with open(path) as f:
+      summaries.append(process_pairs.native_stack_summary(f.read()))
+  return paths + native, summaries
 
 
 def one_run(data_dir: str, workdir: str) -> dict:

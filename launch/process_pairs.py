@@ -35,17 +35,23 @@ def cpu_seconds(stat: str) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def dump_native_stacks(pid: int, path: str) -> bool:
-  """Writes `thread apply all bt` of process `pid` to `path`; False when gdb is not installed or gave up."""
+def dump_native_stacks(paths: dict[int, str]) -> list[str]:
+  """Writes `thread apply all bt` of every process (pid -> path) at once, so that a pair is stopped together (one
+  stopped alone misses its heartbeats and the other is terminated before its turn); returns the paths written."""
   if not shutil.which("gdb"):
-    return False
-  with open(path, "w") as f:
+    return []
+  files = {pid: open(path, "w") for pid, path in paths.items()}  # noqa: SIM115 - closed below
+  gdbs = {pid: subprocess.Popen(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 16"], stdout=f,
+                                stderr=subprocess.STDOUT) for pid, f in files.items()}
+  written = []
+  for pid, gdb in gdbs.items():
     try:
-      subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 16"], stdout=f,
-                     stderr=subprocess.STDOUT, timeout=300, check=False)
+      gdb.wait(timeout=300)
+      written.append(paths[pid])
     except subprocess.TimeoutExpired:
-      return False
-  return True
+      gdb.kill()
+    files[pid].close()
+  return written
 
 
 def native_stack_summary(text: str) -> dict:
