@@ -4,6 +4,7 @@ backbone and seed as that cell's own run, which is the reference.
 
   PYTHONPATH=. python launch/attention_sharpness.py                 # 3 changes x seeds 0, 1
   PYTHONPATH=. python launch/attention_sharpness.py --seeds=1 --changes=scores_input
+  PYTHONPATH=. python launch/attention_sharpness.py --report_only  # the results files from the runs finished so far
 
 The changes: training twice as long (the step schedule stretched with it), the head reading every scale's scores
 (fc8, the paper's own ablation) instead of fc7, and the head's learning rate x10 over the paper's multipliers. None
@@ -90,26 +91,31 @@ def _object_mean(by_size: Mapping[str, float], key: str) -> float:
   return float(np.sum(pixels * [by_size[f"weights/size_{b}/{key}"] for b in bins]) / pixels.sum())
 
 
-def summarize(changes: Sequence[str], runs: Mapping[str, Mapping[int, dict]], reference: Mapping[int, dict]) -> dict:
-  """Per change (and the reference): test mIoU per seed and its paired difference from the reference, the weights'
-  entropy and sharp share over object pixels, and the by-size statistics averaged over seeds."""
+def _headline(by_seed: Mapping[int, dict]) -> dict:
+  """The by-size statistics of these runs (mean over their seeds) and the figures the summary table shows."""
   cell = reference_cell()
-  rows = {REFERENCE: reference, **{c: runs[c] for c in changes if c in runs}}
-  out = {}
-  for name, by_seed in rows.items():
-    if not by_seed:
+  summary = pp.summarize([ablation.Cell("runs", cell.scales, cell.fusion, cell.extra_supervision)],
+                         {"runs": by_seed})["runs"]
+  by_size = summary["by_size"]
+  return {**summary, "object_entropy": _object_mean(by_size, "entropy"),
+          f"object_max_above_{pp.SHARP:g}": _object_mean(by_size, f"max_above_{pp.SHARP:g}"),
+          "weight_scale_1_0-16": by_size["attention/size_0-16/scale_1"],
+          "weight_scale_0.5_64+": by_size["attention/size_64+/scale_0.5"]}
+
+
+def summarize(changes: Sequence[str], runs: Mapping[str, Mapping[int, dict]], reference: Mapping[int, dict]) -> dict:
+  """Per change (and the reference over all its seeds): test mIoU per seed, the weights' entropy and sharp share
+  over object pixels, the by-size statistics averaged over seeds, and for a change the same figures of the
+  reference on the change's own seeds with the paired mIoU difference."""
+  out = {REFERENCE: {"change": "none: the main table's cell", **_headline(reference)}} if reference else {}
+  for name in changes:
+    by_seed = runs.get(name, {})
+    same = {s: reference[s] for s in by_seed if s in reference}
+    if not by_seed or not same:
       continue
-    summary = pp.summarize([ablation.Cell(name, cell.scales, cell.fusion, cell.extra_supervision)],
-                           {name: by_seed})[name]
-    by_size = summary["by_size"]
     miou = {s: r["test"]["miou"] for s, r in by_seed.items()}
-    out[name] = {
-        "change": CHANGES[name][0] if name in CHANGES else "none: the main table's cell",
-        **summary,
-        "vs_reference": pp.paired(miou, {s: r["test"]["miou"] for s, r in reference.items()}),
-        "object_entropy": _object_mean(by_size, "entropy"),
-        f"object_max_above_{pp.SHARP:g}": _object_mean(by_size, f"max_above_{pp.SHARP:g}"),
-    }
+    out[name] = {"change": CHANGES[name][0], **_headline(by_seed), "reference_same_seeds": _headline(same),
+                 "vs_reference": pp.paired(miou, {s: r["test"]["miou"] for s, r in same.items()})}
   return out
 
 
@@ -123,16 +129,24 @@ def markdown(summary: Mapping[str, dict], info: Mapping) -> str:
            f"uniform over the 3 scales, 0 = one scale) and the share of pixels whose largest weight exceeds "
            f"{pp.SHARP:g}; then the mean weight of scale 1 on the smallest objects and of scale 0.5 on the largest "
            "(the paper's pattern: both high).", "",
+           "Each change's cells give its value and, in parentheses, the reference's on the same seeds.", "",
            "| run | change | seeds | test mIoU % | vs reference, paired [95% CI] | entropy | "
            f"max > {pp.SHARP:g} % | w(scale_1), 0-16 px | w(scale_0.5), 64+ px |", "|" + "---|" * 9]
+  keys = ("test_miou_mean", "object_entropy", f"object_max_above_{pp.SHARP:g}", "weight_scale_1_0-16",
+          "weight_scale_0.5_64+")
+  formats = ("{:.1f}", "{:.2f}", "{:.1f}", "{:.2f}", "{:.2f}")
+  scale = (100, 1, 100, 1, 1)
   for name, s in summary.items():
-    v, by_size = s["vs_reference"], s["by_size"]
-    lo, hi = v["interval"]
-    vs = "-" if name == REFERENCE else (f"{100 * v['mean']:+.2f}" + (
-        f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if np.isfinite(lo) else "") + f" ({v['positive']}/{v['n']} above)")
-    lines.append(f"| {name} | {s['change']} | {s['seeds']} | {100 * s['test_miou_mean']:.1f} | {vs} | "
-                 f"{s['object_entropy']:.2f} | {100 * s[f'object_max_above_{pp.SHARP:g}']:.1f} | "
-                 f"{by_size['attention/size_0-16/scale_1']:.2f} | {by_size['attention/size_64+/scale_0.5']:.2f} |")
+    ref = s.get("reference_same_seeds")
+    cells = [f.format(k * s[key]) + (f" ({f.format(k * ref[key])})" if ref else "")
+             for key, f, k in zip(keys, formats, scale, strict=True)]
+    vs = "-"
+    if ref:
+      v = s["vs_reference"]
+      lo, hi = v["interval"]
+      vs = f"{100 * v['mean']:+.2f}" + (f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if np.isfinite(lo) else "") + (
+          f" ({v['positive']}/{v['n']} above)")
+    lines.append(f"| {name} | {s['change']} | {s['seeds']} | {cells[0]} | {vs} | " + " | ".join(cells[1:]) + " |")
   lines += ["", "## Per object size (mean over seeds)", ""]
   for name, s in summary.items():
     by_size = s["by_size"]
@@ -172,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--workers", type=int, default=1, help="parallel runs, each pinned to one core (1: unpinned)")
   parser.add_argument("--workdir", default="workdirs/paper_protocol", help="paper_protocol.py's workdir")
   parser.add_argument("--results", default="launch/results")
+  parser.add_argument("--report_only", action="store_true", help="write the results of the finished runs, run none")
   args = parser.parse_args(argv)
   changes = [c for c in args.changes.split(",") if c]
   if unknown := [c for c in changes if c not in CHANGES]:
@@ -181,9 +196,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   def write(failures: list[str]) -> None:
     write_results(job_list, changes, seeds, args.workdir, args.results, failures)
 
-  start = time.perf_counter()
-  write(grid_runs.run_jobs(job_list, args.workers, write)[1])
-  print(f"{(time.perf_counter() - start) / 60:.0f} min", flush=True)
+  write([])
+  if not args.report_only:
+    start = time.perf_counter()
+    write(grid_runs.run_jobs(job_list, args.workers, write)[1])
+    print(f"{(time.perf_counter() - start) / 60:.0f} min", flush=True)
 
 
 if __name__ == "__main__":

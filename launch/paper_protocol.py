@@ -5,6 +5,7 @@ configs/shapes_pretrain.py), then the 13 Table-1 cells fine-tuned from it with t
 
   PYTHONPATH=. python launch/paper_protocol.py                       # 5 pretrainings + 13 cells x 5 seeds
   PYTHONPATH=. python launch/paper_protocol.py --seeds=1 --cells=s2-attention
+  PYTHONPATH=. python launch/paper_protocol.py --report_only  # the results files from the runs finished so far
 
 Fine-tuning seed s starts from pretraining seed s. Every run lives in WORKDIR/<cell or 'pretrain'>/seed_<s> and is
 never redone once finished (launch/grid_runs.py); an interrupted run resumes from its checkpoint. Two runs at a
@@ -354,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--workers", type=int, default=2, help="parallel runs, each pinned to one core (1: unpinned)")
   parser.add_argument("--workdir", default="workdirs/paper_protocol")
   parser.add_argument("--results", default="launch/results")
+  parser.add_argument("--report_only", action="store_true", help="write the results of the finished runs, run none")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   wanted = set(filter(None, args.cells.split(",")))
@@ -366,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_results(job_list, cell_list, args.results, start, args.workers, failures)
 
   write([])
-  write(grid_runs.run_jobs(job_list, args.workers, write)[1])
+  if not args.report_only:
+    write(grid_runs.run_jobs(job_list, args.workers, write)[1])
 
 
 if __name__ == "__main__":

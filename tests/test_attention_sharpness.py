@@ -63,3 +63,27 @@ def test_object_pixel_averages_leave_the_background_out():
                              ("64+", 60.0, 0.3)):
     by_size.update({f"pixels/size_{b}": pixels, f"weights/size_{b}/entropy": entropy})
   np.testing.assert_allclose(sharp._object_mean(by_size, "entropy"), (9 + 18 + 18) / 100)
+
+
+def _run(miou: float, entropy: float) -> dict:
+  """A fabricated finished run: every bin 10 pixels, weights 0.5 / 0.3 / 0.2, the given entropy everywhere."""
+  test = {"miou": miou}
+  for b in ("background", "size_0-16", "size_16-32", "size_32-64", "size_64+"):
+    test.update({f"pixels/{b}": 10.0, f"weights/{b}/entropy": entropy, f"weights/{b}/max_above_0.8": 0.1})
+    test.update({f"attention/{b}/scale_{s}": w for s, w in (("1", 0.5), ("0.75", 0.3), ("0.5", 0.2))})
+    test.update({f"accuracy/{b}/{s}": 0.5 for s in ("scale_1", "scale_0.75", "scale_0.5", "fused")})
+  return {"train_seconds": 60.0, "test": test}
+
+
+def test_a_change_is_compared_with_the_reference_on_its_own_seeds():
+  reference = {0: _run(0.60, 0.8), 1: _run(0.70, 0.9)}
+  summary = sharp.summarize(["scores_input", "longer"], {"scores_input": {0: _run(0.62, 0.5)}}, reference)
+  assert set(summary) == {sharp.REFERENCE, "scores_input"}  # 'longer' has no finished run
+  np.testing.assert_allclose(summary[sharp.REFERENCE]["object_entropy"], 0.85)
+  change = summary["scores_input"]
+  np.testing.assert_allclose([change["object_entropy"], change["reference_same_seeds"]["object_entropy"]], [0.5, 0.8])
+  assert change["vs_reference"]["n"] == 1 and change["vs_reference"]["seeds"] == [0]
+  np.testing.assert_allclose(change["vs_reference"]["mean"], 0.02)
+  assert (change["weight_scale_1_0-16"], change["weight_scale_0.5_64+"]) == (0.5, 0.2)
+  table = sharp.markdown(summary, {"machine": "m", "commit": "c", "runs_finished": 1, "runs_total": 6, "missing": []})
+  assert "| scores_input | " in table and "| 62.0 (60.0) | +2.00 (1/1 above) | 0.50 (0.80) |" in table
