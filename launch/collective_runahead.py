@@ -1,9 +1,9 @@
 """The 2-process CPU stall, reproduced without a model: 2 processes x 4 CPU devices (gloo) dispatch a program with an
 all-reduce and a second one reducing its output, --iterations times without waiting, as a training loop runs ahead
-of a loaded machine. Each setting of XLA's CPU client pool is tried --runs times, alternating; a run whose processes
-are both still alive after --timeout_s stalled (both are then killed, after their native stacks are dumped with gdb
-when it is installed; the record counts the threads waiting where the deadlock waits); one that exits with an
-error crashed.
+of a loaded machine (--processes=1: one process of 4 devices, the same loop). Each setting of XLA's CPU client pool
+is tried --runs times, alternating; a run whose processes are all still alive after --timeout_s stalled (they are
+then killed, after their native stacks are dumped with gdb when it is installed; the record counts the threads
+waiting where the deadlock waits); one that exits with an error crashed.
 
   PYTHONPATH=. python launch/collective_runahead.py --runs=5 --out=launch/results/collective_runahead.json
 
@@ -24,6 +24,7 @@ from launch import grid_runs, process_pairs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("runs", 5, "Runs per setting.")
+flags.DEFINE_integer("processes", 2, "Processes per run (1 or 2), each of 4 CPU devices.")
 flags.DEFINE_integer("iterations", 400, "Pairs of programs each process dispatches before it waits.")
 flags.DEFINE_float("timeout_s", 90.0, "A run not finished by then stalled.")
 flags.DEFINE_string("workdir", "workdirs/collective_runahead", "Where the processes' logs and a stalled run's native "
@@ -43,7 +44,7 @@ def child() -> None:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
 
   from scaleattn.training import distributed  # noqa: PLC0415
-  distributed.initialize(FLAGS.coordinator, 2, FLAGS.process_id)
+  distributed.initialize(FLAGS.coordinator if FLAGS.processes > 1 else "", FLAGS.processes, FLAGS.process_id)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
   x = jax.make_array_from_process_local_data(rows, np.ones((DEVICES, 128, 128), np.float32))
@@ -57,17 +58,18 @@ def child() -> None:
   print(f"done in {time.perf_counter() - start:.1f} s with PJRT_NPROC={os.environ.get('PJRT_NPROC')}", flush=True)
 
 
-def one_run(pool: int | None, timeout_s: float, iterations: int, logs: str) -> dict:
-  """A pair of processes with PJRT_NPROC=`pool` (None: as scaleattn sets it), their output in `logs`.process_I.log:
-  'stalled' when both are still alive after `timeout_s` (their native stacks are then dumped beside the logs),
-  'crashed' when one exited with an error."""
+def one_run(pool: int | None, timeout_s: float, iterations: int, logs: str, processes: int = 2) -> dict:
+  """`processes` processes with PJRT_NPROC=`pool` (None: as scaleattn sets it), their output in
+  `logs`.process_I.log: 'stalled' when all are still alive after `timeout_s` (their native stacks are then dumped
+  beside the logs), 'crashed' when one exited with an error."""
   env = dict(process_pairs.cpu_env(DEVICES, pool), TF_CPP_MIN_LOG_LEVEL="3")
   address = f"127.0.0.1:{process_pairs.free_port()}"
   procs = []
-  for i in range(2):
+  for i in range(processes):
     with open(f"{logs}.process_{i}.log", "w") as log:  # the child keeps its own descriptor
       procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--process_id={i}",
-                                     f"--coordinator={address}", f"--iterations={iterations}"], cwd=process_pairs.REPO,
+                                     f"--coordinator={address}", f"--iterations={iterations}",
+                                     f"--processes={processes}"], cwd=process_pairs.REPO,
                                     env=env, stdout=log, stderr=subprocess.STDOUT))
   start = time.time()
   while any(p.poll() is None for p in procs) and time.time() - start < timeout_s:
@@ -83,10 +85,10 @@ def one_run(pool: int | None, timeout_s: float, iterations: int, logs: str) -> d
       p.kill()
     p.wait()
   done = []
-  for i in range(2):
+  for i in range(processes):
     with open(f"{logs}.process_{i}.log") as f:
       done += [line.strip() for line in f if line.startswith("done in")]
-  return {"seconds": round(seconds, 1), "stalled": stalled, "crashed": not stalled and len(done) < 2,
+  return {"seconds": round(seconds, 1), "stalled": stalled, "crashed": not stalled and len(done) < processes,
           "exit_codes": [p.returncode for p in procs], "finished": done, "stacks": stacks}
 
 
@@ -98,8 +100,9 @@ def main(argv) -> None:
   cores = len(os.sched_getaffinity(0))
   settings = {"project": None, "xla_default": max(cores, DEVICES)}
   record = {"command": " ".join(["PYTHONPATH=. python launch/collective_runahead.py", *sys.argv[1:]]),
-            "cores": cores, "devices_per_process": DEVICES, "iterations": FLAGS.iterations,
-            "timeout_s": FLAGS.timeout_s, "commit": grid_runs.commit(), "machine": grid_runs.machine(),
+            "cores": cores, "processes": FLAGS.processes, "devices_per_process": DEVICES,
+            "iterations": FLAGS.iterations, "timeout_s": FLAGS.timeout_s, "commit": grid_runs.commit(),
+            "machine": grid_runs.machine(),
             "settings": {"project": f"scaleattn's reserve, PJRT_NPROC = max(cores, 2 x devices) = "
                                     f"{max(cores, 2 * DEVICES)}",
                          "xla_default": f"XLA's own pool, PJRT_NPROC = max(cores, devices) = {max(cores, DEVICES)}"},
@@ -108,7 +111,8 @@ def main(argv) -> None:
   for k in range(FLAGS.runs):
     for name, pool in settings.items():
       run = {"setting": name, "run": k,
-             **one_run(pool, FLAGS.timeout_s, FLAGS.iterations, os.path.join(FLAGS.workdir, f"{name}_{k}"))}
+             **one_run(pool, FLAGS.timeout_s, FLAGS.iterations, os.path.join(FLAGS.workdir, f"{name}_{k}"),
+                      FLAGS.processes)}
       print(json.dumps(run), flush=True)
       record["runs"].append(run)
   record["summary"] = {name: {key: sum(r[key] for r in record["runs"] if r["setting"] == name)

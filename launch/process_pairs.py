@@ -1,7 +1,7 @@
 """What the 2-process CPU launchers share (multiprocess_soak.py, collective_runahead.py): a free port for the
-coordinator, the processes' environment, their CPU time, and every thread's native stack of a process that stalled, with what such
-a dump shows of XLA's CPU client (launch threads blocked on a device's full queue of unfinished programs, threads
-in gloo's all-reduce, the Python thread waiting in Execute: the deadlock in docs/reliability.md)."""
+coordinator, the processes' environment, their CPU time, and every thread's native stack of a process that stalled,
+with what such a dump shows of XLA's CPU client (launch threads blocked on a device's full queue of unfinished
+programs, threads in an all-reduce, the Python thread waiting in Execute: the deadlock in docs/reliability.md)."""
 from __future__ import annotations
 
 import os
@@ -55,10 +55,11 @@ def dump_native_stacks(paths: dict[int, str]) -> list[str]:
 
 
 def native_stack_summary(text: str) -> dict:
-  """Counts in a gdb dump: threads, threads blocked launching on a full device queue, threads in gloo's
-  all-reduce, and whether the Python (first) thread waits in Execute."""
+  """Counts in a gdb dump: threads, threads blocked launching on a full device queue, threads inside an
+  all-reduce (gloo's between processes, the in-process rendezvous within one), and whether the Python (first)
+  thread waits in Execute."""
   main_thread = text[text.find("Thread 1 "):]
   return {"threads": text.count("\nThread ") + text.startswith("Thread "),
           "launch_blocked_on_full_queue": text.count("Semaphore::ScopedAcquire"),
-          "in_gloo_allreduce": text.count(" in gloo::allreduce"),
+          "in_all_reduce": text.count("AllReduceThunk::Execute("),
           "python_thread_in_execute": "LoadedExecutable::Execute" in main_thread}

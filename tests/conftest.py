@@ -1,4 +1,5 @@
-"""Test session setup: several fake CPU devices so sharding is exercised, and quiet TensorFlow.
+"""Test session setup: several fake CPU devices so sharding is exercised, the thread reserve XLA's CPU client needs
+for them, and quiet TensorFlow.
 
 This must run before JAX initialises its backends, hence the environment variables at import time.
 """
@@ -15,6 +16,10 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 
 NUM_TEST_DEVICES = 4
+
+from scaleattn.training import distributed  # noqa: E402 - after XLA_FLAGS, before any JAX backend starts
+
+distributed.reserve_cpu_client_threads()  # as scaleattn.main does: 4 devices on a small machine deadlock without
 
 
 @pytest.fixture(autouse=True, scope="session")

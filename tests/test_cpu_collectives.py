@@ -15,6 +15,7 @@ Thread 2 (Thread 0x7f8e857fa6c0 (LWP 3808) "python"):
 #0  0x00007f8ee5678c49 in gloo::transport::tcp::UnboundBuffer::waitRecv(int*) ()
 #1  0x00007f8ee56b142e in gloo::allreduce(gloo::AllreduceOptions const&) ()
 #2  0x00007f8ee567d31b in xla::cpu::GlooCommunicator::AllReduce(...) ()
+#3  0x00007f8ee567d31b in xla::cpu::AllReduceThunk::Execute(xla::cpu::Thunk::ExecuteParams const&) ()
 Thread 1 (Thread 0x7f8ee7412b80 (LWP 3748) "python"):
 #0  0x00007f8edf853362 in absl::Mutex::AwaitCommon(absl::Condition const&) ()
 #1  0x00007f8edb6df7d9 in xla::CommonPjRtLoadedExecutable::Execute(absl::Span<...>) ()
@@ -55,7 +56,7 @@ def test_two_processes_dispatching_far_ahead_finish(monkeypatch, tmp_path):
 
 def test_native_stack_summary_counts_where_the_deadlock_waits():
   assert process_pairs.native_stack_summary(GDB_EXCERPT) == {
-      "threads": 3, "launch_blocked_on_full_queue": 1, "in_gloo_allreduce": 1, "python_thread_in_execute": True}
+      "threads": 3, "launch_blocked_on_full_queue": 1, "in_all_reduce": 1, "python_thread_in_execute": True}
   idle = GDB_EXCERPT.split("Thread 1 ")[0] + "Thread 1 (LWP 1):\n#0  epoll_wait ()\n"
   assert process_pairs.native_stack_summary(idle)["python_thread_in_execute"] is False
 
