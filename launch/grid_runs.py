@@ -125,7 +125,9 @@ def run_jobs(job_list: Sequence[Job], workers: int, on_finished: Callable[[list[
           try:
             future = pool.submit(job.fn, *job.args)
           except BrokenProcessPool:
-            break  # a worker died since the last wait: that wait's successor returns at once and restarts
+            if not running:  # nothing ran on it: the pool cannot start its workers
+              raise
+            break  # a worker died since the last wait: the next wait returns at once and the pool is replaced
           pending.remove(job)
           running[id(job)] = (job, future)
           print(f"started {job}", flush=True)
