@@ -177,7 +177,8 @@ def test_killed_process_stops_the_other_and_both_resume_exactly(data_dir, two_pr
   workdir = str(tmp_path / "run")
   procs = _start(data_dir, workdir)
   deadline = time.time() + RUN_LIMIT_S
-  while CHECKPOINT_EVERY not in _saved_steps(workdir) and time.time() < deadline:
+  while (CHECKPOINT_EVERY not in _saved_steps(workdir) and all(p.poll() is None for p in procs)
+         and time.time() < deadline):
     time.sleep(0.02)
   if not all(p.poll() is None for p in procs):
     _wait(procs, 0)
