@@ -37,7 +37,7 @@ def _longer(config: ml_collections.ConfigDict) -> None:
 
 
 def _scores_input(config: ml_collections.ConfigDict) -> None:
-  config.model.fusion.head_input = "scores"
+  config.model.fusion_input = "scores"
 
 
 def _head_lr_x10(config: ml_collections.ConfigDict) -> None:

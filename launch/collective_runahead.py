@@ -23,17 +23,20 @@ from absl import app, flags
 from launch import grid_runs, process_pairs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("runs", 5, "Runs per setting.")
-flags.DEFINE_integer("processes", 2, "Processes per run (1 or 2), each of 4 CPU devices.")
-flags.DEFINE_integer("iterations", 400, "Pairs of programs each process dispatches before it waits.")
-flags.DEFINE_float("timeout_s", 90.0, "A run not finished by then stalled.")
-flags.DEFINE_string("workdir", "workdirs/collective_runahead", "Where the processes' logs and a stalled run's native "
-                    "stacks go; the record keeps what the stacks show.")
-flags.DEFINE_string("out", "", "JSON record to write.")
-flags.DEFINE_integer("process_id", -1, "Internal: run as process PROCESS_ID of the pair.")
-flags.DEFINE_string("coordinator", "", "Internal: the pair's coordinator address.")
-
 DEVICES = 4
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when this file runs (importers such as the tests define their own)."""
+  flags.DEFINE_integer("runs", 5, "Runs per setting.")
+  flags.DEFINE_integer("processes", 2, "Processes per run (1 or 2), each of 4 CPU devices.")
+  flags.DEFINE_integer("iterations", 400, "Pairs of programs each process dispatches before it waits.")
+  flags.DEFINE_float("timeout_s", 90.0, "A run not finished by then stalled.")
+  flags.DEFINE_string("workdir", "workdirs/collective_runahead", "Where the processes' logs and a stalled run's "
+                      "native stacks go; the record keeps what the stacks show.")
+  flags.DEFINE_string("out", "", "JSON record to write.")
+  flags.DEFINE_integer("process_id", -1, "Internal: run as process PROCESS_ID of the pair.")
+  flags.DEFINE_string("coordinator", "", "Internal: the pair's coordinator address.")
 
 
 def child() -> None:
@@ -124,4 +127,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

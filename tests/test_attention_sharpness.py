@@ -24,7 +24,7 @@ def test_each_change_alters_only_what_it_names_from_the_reference_cell():
       (1.0, 0.75, 0.5), "attention", True)
   expected = {
       "longer": {"train.num_steps": 2400, "optim.decay_every_steps": 800, "train.eval_every_steps": 2400},
-      "scores_input": {"model.fusion.head_input": "scores"},
+      "scores_input": {"model.fusion_input": "scores"},
       "head_lr_x10": {"optim.lr_multipliers": ((r"backbone/fc8/kernel", 10.0), (r"backbone/fc8/bias", 20.0),
                                                (r"fusion/.*/kernel", 100.0), (r"fusion/.*/bias", 200.0),
                                                (r".*/bias", 2.0))},

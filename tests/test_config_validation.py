@@ -35,7 +35,7 @@ def test_shipped_configs_are_valid_on_any_data_axis(get_config, devices):
     ("model.backbone.name", "resnet", "config.model.backbone.name='resnet': expected one of ('largefov', 'resnet50', 'resnet101', 'resnet152')"),
     ("model.backbone.fc_widht", 8, "config.model.backbone.fc_widht: not a setting of backbone 'largefov' (it takes"),
     ("model.fusion.hiden", 8, "config.model.fusion.hiden: not a setting of fusion 'attention' (it takes ('hidden',"),
-    ("model.fusion.head_input", "fc6", "config.model.fusion.head_input='fc6': expected one of ('features', 'scores')"),
+    ("model.fusion_input", "fc6", "config.model.fusion_input='fc6': expected one of ('features', 'scores')"),
     ("model.conv_impl", "cudnn", "config.model.conv_impl='cudnn': expected one of ('auto', 'xla', 'cpu')"),
     ("model.remat", "all", "config.model.remat='all': expected one of ('none', 'per_scale', 'per_block')"),
     ("train.microbatches", 4, "config.train.microbatches=4: expected a divisor of config.train.batch_size=30, one "

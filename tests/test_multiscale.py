@@ -200,11 +200,11 @@ def test_bad_settings_are_reported():
 
 
 def test_the_attention_head_reads_every_scales_scores_when_asked():
-  """head_input='scores' (the paper's fc8 ablation): the head is the NumPy head on the scales' scores, each resized
+  """fusion_input='scores' (the paper's fc8 ablation): the head is the NumPy head on the scales' scores, each resized
   to the scale-1 grid and concatenated, and its first layer takes S x C channels."""
   x = np.random.default_rng(3).normal(size=(1, 41, 33, 3)).astype(np.float32)
   cfg = tiny_config(scales=(1.0, 0.5))
-  cfg.fusion.head_input = "scores"
+  cfg.fusion_input = "scores"
   model = build_model(cfg)
   variables = ref.random_variables(model, x, train=False)
   out = _apply(model)(variables, x, train=False)

@@ -75,8 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
           name="attention",
           hidden=512,
           dropout_rate=0.5,
-          head_input="features",  # what the head reads: 'features' (fc7, the paper's) | 'scores' (fc8)
       )),
+      fusion_input="features",  # what the fusion's head reads: 'features' (fc7, the paper's) | 'scores' (fc8)
       scale_execution="loop",  # 'loop' | 'vmap'
       input_scale=1.0,  # images (RGB 0..255 minus mean) are multiplied by this; 1.0 for Caffe-trained VGG-16
       dtype="float32",  # 'float32' | 'bfloat16' (compute; parameters stay float32)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import ml_collections
 
 from scaleattn.models import layers, multiscale, registry
-from scaleattn.models.fusion import HEAD_INPUTS
 from scaleattn.training import losses, optimizers
 
 ON_NONFINITE = ("raise", "skip")
@@ -19,7 +18,7 @@ def _choices() -> dict[str, tuple]:
   return {
       "model.backbone.name": tuple(registry.BACKBONES),
       "model.fusion.name": tuple(registry.FUSIONS),
-      "model.fusion.head_input": HEAD_INPUTS,
+      "model.fusion_input": multiscale.FUSION_INPUTS,
       "model.scale_execution": multiscale.SCALE_EXECUTIONS,
       "model.dtype": tuple(registry.DTYPES),
       "model.conv_impl": layers.CONV_IMPLS,

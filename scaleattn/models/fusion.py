@@ -80,7 +80,6 @@ class Layer(NamedTuple):
 
 
 FUSIONS: dict[str, type[Fusion]] = {}  # method name -> class, filled by `register`
-HEAD_INPUTS = ("features", "scores")
 REQUIRED = ("hidden", "dropout_rate")  # the fields every method takes without a default
 _F = TypeVar("_F", bound="Fusion")
 
@@ -99,8 +98,8 @@ def register(method: str) -> Callable[[type[_F]], type[_F]]:
 
 def ScaleFusion(method: str, num_scales: int | None = None, **settings: Any) -> Fusion:
   """The fusion registered as `method`, e.g. ScaleFusion("attention", num_scales=2, hidden=512, dropout_rate=0.5)
-  (the paper's head); `settings` are the class's other fields (hidden and dropout_rate, required; dtype;
-  head_input, which the caller reads) and linen's `name`."""
+  (the paper's head); `settings` are the class's other fields (hidden and dropout_rate, required; dtype) and
+  linen's `name`."""
   if method not in FUSIONS:
     raise ValueError(f"ScaleFusion: method={method!r}: expected one of {tuple(FUSIONS)}")
   missing = [f for f in REQUIRED if f not in settings]
@@ -166,16 +165,12 @@ class Fusion(nn.Module):
   Every method takes the same fields, so one config serves any: `hidden` and `dropout_rate` shape the methods'
   heads (the methods without a head ignore them) and have no defaults (the paper: 512 and 0.5); `num_scales` is
   required where the parameters depend on S (not `scale_agnostic`) and checked against the input when given;
-  `dtype` is the compute dtype (softmax and sigmoid are always float32); `head_input` says which maps the caller
-  passes as `features` (the module takes whatever it is given). Give the fields by keyword.
+  `dtype` is the compute dtype (softmax and sigmoid are always float32). Give the fields by keyword.
   """
   hidden: int
   dropout_rate: float
   num_scales: int | None = None
   dtype: Any = jnp.float32
-  # What the caller hands over as `features` (one of HEAD_INPUTS): the backbone's features ('features': fc7 for
-  # DeepLab-LargeFOV, the paper's) or every scale's own scores ('scores': fc8, the paper's ablation).
-  head_input: str = "features"
 
   method: ClassVar[str]  # its name in FUSIONS, set by `register`
   scale_agnostic: ClassVar[bool]  # its parameters depend neither on the number nor on the order of the scales

@@ -3,8 +3,9 @@
 `MultiScaleNet` takes the backbone and the fusion as modules (`registry.build_model` makes them from the config):
 any backbone mapping (images [B, H, W, 3], train, valid_size) to (scores, features) at output stride 8, and any
 fusion mapping (scores [B, h, w, S, C], per-scale features, train, scales) to (fused scores, weights [B, h, w, S])
-(tiled inference also passes `to_grid`, as `ScaleFusion` takes it). A fusion whose `head_input` is 'scores' is
-handed every scale's scores as its features.
+(tiled inference also passes `to_grid`, as `ScaleFusion` takes it). `fusion_input` says what the fusion is handed
+as features: the backbone's ('features': fc7 for DeepLab-LargeFOV, the paper's) or every scale's own scores
+('scores': fc8, the paper's ablation).
 
 Two ways to run the scales, chosen by `scale_execution`, with the same parameters and the same results:
 'loop' runs each scale at its own size through the one backbone; 'vmap' pads every scale onto the scale-1
@@ -21,13 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from scaleattn.models import resize
-from scaleattn.models.fusion import HEAD_INPUTS
 
 SCALE_EXECUTIONS = ("loop", "vmap")
 # Rematerialisation of the backbone in the backward pass: 'per_scale' keeps only each scale's input and recomputes
 # the whole backbone pass; 'per_block' also keeps every block's output (the names the backbone's `remat_names`
 # declares).
 REMAT_POLICIES = ("none", "per_scale", "per_block")
+FUSION_INPUTS = ("features", "scores")  # what the fusion's head reads
 
 
 def remat_policy(name: str, backbone: nn.Module) -> Callable | None:
@@ -59,6 +60,7 @@ class MultiScaleNet(nn.Module):
   scale_execution: str  # one of SCALE_EXECUTIONS
   input_scale: float
   remat: str  # one of REMAT_POLICIES
+  fusion_input: str  # one of FUSION_INPUTS
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> MultiScaleOutput:
@@ -122,10 +124,9 @@ class MultiScaleNet(nn.Module):
     if len(scales) == 1:  # the single-scale baseline is plain DeepLab-LargeFOV: nothing to fuse
       return MultiScaleOutput(fused=per_scale[:, :, :, 0], per_scale=per_scale, weights=jnp.ones(
           per_scale.shape[:4], per_scale.dtype), own_grid=own_grid, scales=scales)
-    head_input = getattr(self.fusion, "head_input", "features")
-    if head_input not in HEAD_INPUTS:
-      raise ValueError(f"MultiScaleNet: fusion head_input={head_input!r}: expected one of {HEAD_INPUTS}")
-    maps = [scores if head_input == "scores" else feats for scores, feats in outs]
+    if self.fusion_input not in FUSION_INPUTS:
+      raise ValueError(f"MultiScaleNet.fusion_input={self.fusion_input!r}: expected one of {FUSION_INPUTS}")
+    maps = [scores if self.fusion_input == "scores" else feats for scores, feats in outs]
     fused, weights = self.fusion(per_scale, maps, train=train, scales=scales,
                                  **({} if to_grid is None else {"to_grid": to_grid}))
     return MultiScaleOutput(fused=fused, per_scale=per_scale, weights=weights, own_grid=own_grid, scales=scales)

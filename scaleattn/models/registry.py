@@ -58,4 +58,4 @@ def build_model(cfg: ml_collections.ConfigDict, conv_impl: str = "xla", scales: 
   fuse = None if len(scales) == 1 else FUSIONS[cfg.fusion.name](num_scales=len(scales), dtype=dtype,
                                                                  **_settings(cfg.fusion))
   return MultiScaleNet(backbone=backbone, fusion=fuse, scales=scales, scale_execution=cfg.scale_execution,
-                       input_scale=cfg.input_scale, remat=cfg.remat)
+                       input_scale=cfg.input_scale, remat=cfg.remat, fusion_input=cfg.fusion_input)
