@@ -39,6 +39,17 @@ def test_paired_verdicts_need_the_interval_to_exclude_zero():
   assert pp.paired({0: 1.0}, {0: 0.5})["verdict"] == "too few seeds"
 
 
+def test_a_small_effect_needs_five_seeds():
+  """+0.8 points in each of 3 seeds excludes 0 but is under 1.5 points: not a verdict until 5 seeds agree."""
+  b = {s: 0.5 for s in range(5)}
+  a = {s: 0.508 + 0.001 * (s % 2) for s in range(5)}
+  few = pp.paired({s: a[s] for s in range(3)}, b)
+  assert few["interval"][0] > 0 and few["verdict"] == "too few seeds"
+  assert pp.paired(a, b)["verdict"] == "supported"
+  big = {s: 0.52 for s in range(3)}  # +2 points in 3 seeds: large enough to call
+  assert pp.paired(big, {s: 0.5 + 0.001 * s for s in range(3)})["verdict"] == "supported"
+
+
 def test_claims_cover_the_three_questions_on_existing_cells():
   names = [c.name for c in pp.cells()]
   claims = pp.claims()
@@ -104,6 +115,7 @@ def test_report_from_fabricated_runs(tmp_path):
   md = (tmp_path / "paper_protocol.md").read_text()
   assert "| s2-attention > baseline | +10.00 - | 1/1 | too few seeds |" in md
   assert "| background | 10 | 50.0 | 50.0 | 50.0 | 0.50 | 0.50 | 0.90 | 10.0 |" in md
+  assert (tmp_path / pp.FIGURE).stat().st_size > 0
 
 
 # sha256 (first 16 hex) of examples 0-2 of every split, as generated before the 'pretrain' config existed.
